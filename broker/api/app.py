@@ -1,0 +1,141 @@
+"""The intake API application (FastAPI on uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import text
+from starlette.exceptions import HTTPException
+
+from broker.api import catalog_routes, chat, wallet
+from broker.api.auth import KeyAuthenticator
+from broker.api.services import Services, services
+from broker.catalog import load_catalog
+from broker.db import async_session_factory, make_async_engine
+from broker.errors import BrokerError
+from broker.intake import Intake
+from broker.jsonresponse import ORJSONResponse
+from broker.logs import configure_logging
+from broker.replies import ReplyListener
+from broker.settings import Settings, get_settings
+from workers.app import make_celery
+
+logger = logging.getLogger(__name__)
+
+
+def _build_services(settings: Settings) -> Services:
+    catalog = load_catalog(settings.catalog_path, settings.base_url_overrides)
+    engine = make_async_engine(settings.database_url)
+    sessions = async_session_factory(engine)
+    replies = ReplyListener(settings.redis_url)
+    celery = make_celery()
+    return Services(
+        settings=settings,
+        catalog=catalog,
+        engine=engine,
+        sessions=sessions,
+        celery=celery,
+        replies=replies,
+        auth=KeyAuthenticator(sessions, settings.key_cache_ttl_s),
+        intake=Intake(catalog, sessions, celery, replies, settings.sync_wait_timeout_s),
+    )
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: Services = app.state.services
+    await state.replies.start()
+    logger.info(
+        "API ready: %d models, reply list %s", len(state.catalog.models), state.replies.channel
+    )
+    try:
+        yield
+    finally:
+        await state.replies.stop()
+        await state.engine.dispose()
+
+
+def _error_response(exc: BrokerError) -> ORJSONResponse:
+    return ORJSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BrokerError)
+    async def broker_error(_: Request, exc: BrokerError) -> ORJSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(part) for part in first["loc"][1:]) or None
+        body = BrokerError(f"Invalid request: {first['msg']}.", param=param)
+        body.error_type = "invalid_request_error"
+        return ORJSONResponse(body.to_body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> ORJSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return ORJSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> ORJSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = {
+            "error": {
+                "message": "The broker hit an internal error. The request may be "
+                "resent; nothing is charged for a job that did not run.",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        return ORJSONResponse(body, status_code=500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; uvicorn calls this as a factory in each worker process."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    app = FastAPI(
+        title="Inference broker",
+        version="0.1.0",
+        lifespan=_lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.services = _build_services(settings)
+    _install_error_handlers(app)
+    app.include_router(chat.router)
+    app.include_router(catalog_routes.router)
+    app.include_router(wallet.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> ORJSONResponse:
+        state = services(request)
+        checks = {}
+        try:
+            async with state.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001  (any failure means not ready)
+            checks["database"] = f"failed: {type(exc).__name__}"
+        try:
+            await state.replies.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["redis"] = f"failed: {type(exc).__name__}"
+        ready = all(value == "ok" for value in checks.values())
+        return ORJSONResponse(
+            {"status": "ok" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    return app

@@ -1,0 +1,40 @@
+"""What one API process holds for its lifetime, built at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from broker.api.auth import KeyAuthenticator
+from broker.catalog import Catalog
+from broker.intake import Intake, Principal
+from broker.replies import ReplyListener
+from broker.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    catalog: Catalog
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    celery: Celery
+    replies: ReplyListener
+    auth: KeyAuthenticator
+    intake: Intake
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def principal(request: Request) -> Principal:
+    """Authenticate the request's bearer key (a FastAPI dependency)."""
+    return await services(request).auth.authenticate(request.headers.get("authorization"))
+
+
+Caller = Annotated[Principal, Depends(principal)]

@@ -1,0 +1,316 @@
+"""The ``broker`` command: run each process, manage accounts, keys and wallets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from decimal import Decimal, InvalidOperation
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from broker.settings import get_settings
+
+app = typer.Typer(
+    help="Self-hosted LLM inference broker.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+accounts_app = typer.Typer(help="Create and list accounts.", no_args_is_help=True)
+keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
+wallet_app = typer.Typer(help="Top up and inspect wallets.", no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
+app.add_typer(keys_app, name="keys")
+app.add_typer(wallet_app, name="wallet")
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _preflight(*, redis: bool = True, database: bool = True) -> None:
+    from broker.preflight import ServiceDown, check_database, check_redis
+
+    settings = get_settings()
+    try:
+        if redis:
+            check_redis(settings.redis_url)
+        if database:
+            check_database(settings.database_url)
+    except ServiceDown as exc:
+        fail(str(exc))
+
+
+def _dollars_to_micro(text: str) -> int:
+    from broker.catalog import to_micro_usd
+
+    try:
+        amount = to_micro_usd(Decimal(text.lstrip("$")))
+    except (InvalidOperation, ValueError):
+        fail(f"invalid dollar amount {text!r}: give a number such as 5.00")
+    return amount
+
+
+def _sessions():  # noqa: ANN202  (a sessionmaker; typed where used)
+    from broker.db import make_engine, session_factory
+
+    return session_factory(make_engine(get_settings().database_url, pool_size=1))
+
+
+@app.command()
+def api(
+    host: str = typer.Option(None, help="Address to listen on [BROKER_API_HOST]."),
+    port: int = typer.Option(None, help="TCP port [BROKER_API_PORT]."),
+    workers: int = typer.Option(None, help="uvicorn processes [BROKER_API_WORKERS]."),
+) -> None:
+    """Run the intake API."""
+    import uvicorn
+
+    _preflight()
+    settings = get_settings()
+    uvicorn.run(
+        "broker.api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers or settings.api_workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+
+
+def _exec_celery(argv: list[str], env: dict[str, str]) -> None:
+    os.environ.update(env)
+    # celery's own entry point applies gevent's monkey patching before anything else
+    # imports sockets, which the pool needs.
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "workers.worker", *argv])
+
+
+@app.command()
+def worker(
+    region: str = typer.Option(..., help="Region whose queues this pool consumes."),
+    concurrency: int = typer.Option(
+        None, help="Upstream calls in flight per process [BROKER_WORKER_CONCURRENCY]."
+    ),
+    lanes: str = typer.Option("interactive,batch", help="Comma-separated lanes."),
+) -> None:
+    """Run a region-pinned worker pool: it consumes only ``*.<region>.*`` queues."""
+    from broker.catalog import load_catalog
+
+    _preflight()
+    settings = get_settings()
+    catalog = load_catalog(settings.catalog_path)
+    if region not in catalog.regions:
+        fail(f"unknown region {region!r}; the catalog has {', '.join(catalog.regions)}")
+    queues = catalog.queues_for_region(region, tuple(lanes.split(",")))
+    _exec_celery(
+        [
+            "worker",
+            "-P",
+            "gevent",
+            "-c",
+            str(concurrency or settings.worker_concurrency),
+            "-Q",
+            ",".join(queues),
+            "-n",
+            f"{region}@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            settings.log_level,
+        ],
+        {"BROKER_WORKER_POOL": region, "BROKER_WORKER_REGION": region},
+    )
+
+
+@app.command("billing-worker")
+def billing_worker(
+    concurrency: int = typer.Option(
+        None, help="Settlements in flight [BROKER_BILLING_CONCURRENCY]."
+    ),
+) -> None:
+    """Run the billing worker: it settles finished jobs against wallets."""
+    from workers.app import BILLING_QUEUE
+
+    _preflight()
+    settings = get_settings()
+    _exec_celery(
+        [
+            "worker",
+            "-P",
+            "gevent",
+            "-c",
+            str(concurrency or settings.billing_concurrency),
+            "-Q",
+            BILLING_QUEUE,
+            "-n",
+            "billing@%h",
+            "-E",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            settings.log_level,
+        ],
+        {"BROKER_WORKER_POOL": "billing"},
+    )
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(None, help="TCP port [BROKER_FLOWER_PORT]."),
+    address: str = typer.Option("127.0.0.1", help="Address to listen on."),
+) -> None:
+    """Run Flower, the Celery monitor, behind basic auth [BROKER_FLOWER_BASIC_AUTH]."""
+    _preflight(database=False)
+    settings = get_settings()
+    _exec_celery(
+        [
+            "flower",
+            f"--port={port or settings.flower_port}",
+            f"--address={address}",
+        ],
+        # Through the environment, so the password does not show in the process list.
+        {"FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value()},
+    )
+
+
+@app.command()
+def simulator(
+    region: str = typer.Option("us", help="Region this simulator stands for."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(9101, help="TCP port."),
+    latency_ms: int = typer.Option(0, help="Added latency per call, milliseconds."),
+    fault_rate_429: float = typer.Option(0.0, help="Share of calls answered 429."),
+    fault_rate_500: float = typer.Option(0.0, help="Share of calls answered 500."),
+    fault_rate_timeout: float = typer.Option(0.0, help="Share of calls that hang."),
+) -> None:
+    """Run the provider simulator for one region."""
+    from simulator.app import run
+    from simulator.config import SimulatorConfig
+
+    run(
+        SimulatorConfig(
+            region=region,
+            latency_ms=latency_ms,
+            fault_rate_429=fault_rate_429,
+            fault_rate_500=fault_rate_500,
+            fault_rate_timeout=fault_rate_timeout,
+        ),
+        host,
+        port,
+    )
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    from broker.migrate import upgrade
+    from broker.preflight import ServiceDown, check_database
+
+    settings = get_settings()
+    try:
+        check_database(settings.database_url, require_schema=False)
+    except ServiceDown as exc:
+        fail(str(exc))
+    upgrade(settings.database_url)
+    console.print("database schema is current")
+
+
+@accounts_app.command("create")
+def accounts_create(
+    name: str, balance: str = typer.Option("0", help="Opening top-up, USD.")
+) -> None:
+    """Create an account with a wallet, optionally topped up."""
+    from broker.accounts import create_account
+    from broker.intake import format_usd
+    from broker.ledger import top_up
+
+    _preflight(redis=False)
+    amount = _dollars_to_micro(balance)
+    with _sessions().begin() as session:
+        account, wallet = create_account(session, name)
+        if amount:
+            top_up(session, account.id, amount, note="opening balance")
+    console.print(f"account {account.id}  wallet {wallet.id}  balance {format_usd(amount)}")
+
+
+@keys_app.command("create")
+def keys_create(account_id: str, name: str = typer.Option("", help="Label for listings.")) -> None:
+    """Create an API key; it is printed once and only its hash is stored."""
+    from broker.accounts import create_api_key
+
+    _preflight(redis=False)
+    with _sessions().begin() as session:
+        try:
+            row, key = create_api_key(session, account_id, name)
+        except LookupError as exc:
+            fail(str(exc))
+    errors.print(f"key {row.id} (prefix {row.prefix}); store it now, it is not shown again:")
+    print(key)
+
+
+@wallet_app.command("topup")
+def wallet_topup(
+    account_id: str,
+    amount: str,
+    idempotency_key: str = typer.Option(None, help="Applies the top-up once."),
+) -> None:
+    """Credit an account's wallet with AMOUNT US dollars."""
+    from broker.ledger import LedgerError, top_up
+
+    _preflight(redis=False)
+    micro = _dollars_to_micro(amount)
+    with _sessions().begin() as session:
+        try:
+            applied = top_up(
+                session, account_id, micro, idempotency_key=idempotency_key, note="cli top-up"
+            )
+        except LedgerError as exc:
+            fail(str(exc))
+    console.print("credited" if applied else "already applied; nothing changed")
+
+
+@wallet_app.command("show")
+def wallet_show(account_id: str) -> None:
+    """Show a wallet and check it against its ledger; exits 1 if they differ."""
+    from sqlalchemy import select
+
+    from broker.ledger import check_wallet
+    from broker.tables import Wallet
+
+    _preflight(redis=False)
+    with _sessions()() as session:
+        wallet_id = session.scalar(select(Wallet.id).where(Wallet.account_id == account_id))
+        if wallet_id is None:
+            fail(f"account {account_id} has no wallet")
+        check = check_wallet(session, wallet_id)
+    table = Table("", "wallet", "ledger")
+    table.add_row(
+        "balance (micro-USD)", str(check.balance_micro_usd), str(check.ledger_balance_micro_usd)
+    )
+    table.add_row("held (micro-USD)", str(check.held_micro_usd), str(check.ledger_held_micro_usd))
+    console.print(table)
+    if not check.ok:
+        fail("the wallet does not match its ledger", code=1)
+
+
+@app.command()
+def demo(
+    requests: str = typer.Option(None, help="JSONL file of batch-format requests."),
+    concurrency: int = typer.Option(32, help="Requests in flight at once."),
+    keep_running: bool = typer.Option(False, help="Leave the system up after the run."),
+) -> None:
+    """Run the whole system on this machine against the simulator and drive it."""
+    from broker.demo import run_demo
+
+    raise typer.Exit(run_demo(requests, concurrency, keep_running))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,89 @@
+"""The API side of result hand-back: one Redis list and one reader per API process.
+
+Workers push each finished job's outcome onto the list named in the job
+(``reply_to``). A single reader task pops them and resolves the future of the request
+waiting for that job, so thousands of waiting requests share one Redis connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+# Seconds one blocking pop waits before looping, so a stop request is noticed promptly.
+POP_TIMEOUT_S = 1
+# Replies taken from the list per round trip once one has arrived.
+DRAIN_BATCH = 256
+# Seconds to wait before reading again after Redis failed.
+REDIS_RETRY_DELAY_S = 0.5
+
+
+class ReplyListener:
+    """Hands replies on this process's list to the requests waiting for them."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.channel = f"broker:reply:{uuid.uuid4().hex}"
+        self._redis = aioredis.Redis.from_url(redis_url)
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._read_loop(), name="reply-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._redis.aclose()
+
+    def expect(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
+        """Register interest in a job's reply before its task is published."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[job_id] = future
+        return future
+
+    def forget(self, job_id: str) -> None:
+        self._waiting.pop(job_id, None)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def _deliver(self, raw: bytes) -> None:
+        message = orjson.loads(raw)
+        future = self._waiting.pop(message["job_id"], None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                popped = await self._redis.blpop([self.channel], timeout=POP_TIMEOUT_S)
+                if popped is None:
+                    continue
+                self._deliver(popped[1])
+                more = await self._redis.lpop(self.channel, DRAIN_BATCH)
+                for raw in more or ():
+                    self._deliver(raw)
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                # Waiting requests fall back to reading the job row, so nothing is lost.
+                logger.warning("reply listener cannot read %s: %s", self.channel, exc)
+                await asyncio.sleep(REDIS_RETRY_DELAY_S)
+            except Exception:
+                logger.exception("reply listener dropped a malformed reply")

@@ -1,0 +1,68 @@
+"""Settings, read once at start-up from the environment (prefix ``BROKER_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Default catalog: the one shipped inside the package.
+DEFAULT_CATALOG_PATH = PACKAGE_DIR / "catalog.yaml"
+
+
+class Settings(BaseSettings):
+    """Every tunable of the broker; ``repr`` never shows a secret."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_", env_file=None, extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///var/broker.db",
+        description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg:// in production.",
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    catalog_path: Path = DEFAULT_CATALOG_PATH
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    flower_basic_auth: SecretStr = SecretStr("admin:admin")
+
+    # Keys are "provider", "provider.region" or "*.region"; the most specific wins.
+    base_url_overrides: dict[str, str] = Field(default_factory=dict)
+    # Provider id -> upstream API key. A provider without a key is called without one.
+    provider_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    admin_token: SecretStr | None = None
+
+    # Greenlets per region worker process: each holds one upstream call in flight.
+    worker_concurrency: int = 500
+    # Greenlets of the billing worker; settlement is short and database-bound.
+    billing_concurrency: int = 16
+    # Seconds an upstream call may take before the attempt counts as timed out.
+    upstream_timeout_s: float = 120.0
+    # Seconds a synchronous request waits for its job before answering 504.
+    sync_wait_timeout_s: float = 600.0
+    # Attempts per job on the same target for transient errors (429, 5xx, timeouts).
+    max_attempts: int = 3
+    # Upper bound of one backoff sleep, also the cap on a provider's Retry-After.
+    max_backoff_s: float = 20.0
+    # Largest request body accepted, in bytes; larger bodies get 413.
+    max_request_bytes: int = 8 * 1024 * 1024
+    # Seconds an authenticated API key stays cached in an API process.
+    key_cache_ttl_s: float = 2.0
+
+    # Processes uvicorn runs for the API.
+    api_workers: int = 1
+    # Region a worker process serves; set by ``broker worker --region``.
+    worker_region: str | None = None
+
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Wire formats of the simulated provider APIs, one module per format."""

@@ -1,0 +1,43 @@
+"""The Celery application shared by the API (to publish) and the workers (to consume)."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from broker.settings import get_settings
+
+RUN_JOB_TASK = "broker.run_job"
+SETTLE_JOB_TASK = "broker.settle_job"
+BILLING_QUEUE = "billing"
+WEBHOOKS_QUEUE = "webhooks"
+BATCHES_QUEUE = "batches"
+
+# Seconds before Redis hands an unacknowledged message to another worker. Longer than
+# the longest job (the synchronous wait limit), or a slow job would run twice.
+VISIBILITY_TIMEOUT_S = 2 * 3600
+
+
+def make_celery() -> Celery:
+    """Build the Celery app from the settings."""
+    settings = get_settings()
+    app = Celery("broker", broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # At-least-once: acknowledge after the task ran, and give a message back to the
+        # queue when the process running it dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One reserved message per greenlet slot, so no slot's work waits behind another's.
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        task_default_queue=BILLING_QUEUE,
+        task_send_sent_event=False,
+        worker_send_task_events=True,
+    )
+    return app
+
+
+celery_app = make_celery()

@@ -1,0 +1,48 @@
+"""Per-process resources of a worker: catalog, database, Redis and the HTTP client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import httpx
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.catalog import Catalog, load_catalog
+from broker.db import make_engine, session_factory
+from broker.settings import Settings, get_settings
+
+# Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    catalog: Catalog
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    http: httpx.Client
+
+    def provider_key(self, provider_id: str) -> str | None:
+        secret = self.settings.provider_keys.get(provider_id)
+        return secret.get_secret_value() if secret else None
+
+
+@lru_cache(maxsize=1)
+def get_context() -> WorkerContext:
+    """Build the context on first use, inside the worker process (after any fork)."""
+    settings = get_settings()
+    slots = max(settings.worker_concurrency, 10)
+    http = httpx.Client(
+        timeout=httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
+        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+    )
+    return WorkerContext(
+        settings=settings,
+        catalog=load_catalog(settings.catalog_path, settings.base_url_overrides),
+        sessions=session_factory(make_engine(settings.database_url, pool_size=20)),
+        redis=redis.Redis.from_url(settings.redis_url),
+        http=http,
+    )
