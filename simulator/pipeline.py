@@ -10,13 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from simulator.faults import (
     FAULT_HEADER,
-    FAULT_NONE,
     FAULT_OVERLOADED,
     FAULT_RATE_LIMIT,
     FAULT_SERVER_ERROR,
@@ -117,15 +116,23 @@ class ProviderEndpoint:
             try:
                 response = await self._respond(request)
             except RequestRejected as error:
+                if not state.config.quiet:
+                    logger.info("rejected %s with %s: %s", scope["path"], error.kind, error)
                 response = error_response(state, self.wire, error)
             status = response.status_code
             await response(scope, receive, send)
             if getattr(response, "cancelled", False):
-                stats.cancelled += 1
-        except ClientDisconnected:
-            stats.cancelled += 1
+                self._count_cancelled(scope)
+        except (ClientDisconnected, ClientDisconnect):
+            # ClientDisconnect is Starlette's, raised while the body is still being read.
+            self._count_cancelled(scope)
         finally:
             stats.finish(status)
+
+    def _count_cancelled(self, scope: Scope) -> None:
+        self.state.stats.cancelled += 1
+        if not self.state.config.quiet:
+            logger.info("client disconnected from %s before the reply finished", scope["path"])
 
     async def _respond(self, request: Request) -> Any:
         if self.state.config.down:
@@ -173,8 +180,6 @@ async def apply_faults_and_latency(
     except InvalidFaultHeader as error:
         raise RequestRejected(ERROR_INVALID_REQUEST, str(error), FAULT_HEADER) from None
 
-    if fault != FAULT_NONE and not config.quiet:
-        logger.info("injecting fault %s into %s %s", fault, request.method, request.url.path)
     if fault == FAULT_RATE_LIMIT:
         raise RequestRejected(
             ERROR_RATE_LIMIT,
@@ -186,6 +191,8 @@ async def apply_faults_and_latency(
     if fault == FAULT_OVERLOADED:
         raise RequestRejected(ERROR_OVERLOADED, "The service is overloaded. Retry later.")
     if fault == FAULT_TIMEOUT:
+        if not config.quiet:
+            logger.info("injecting a %s s hang into %s", config.timeout_hang_s, request.url.path)
         if await sleep_unless_disconnected(request.receive, config.timeout_hang_s):
             raise ClientDisconnected()
 

@@ -1,6 +1,5 @@
 """Anthropic Messages wire format."""
 
-import hashlib
 from typing import Any
 
 import orjson
@@ -12,17 +11,19 @@ from simulator.content import (
     FINISH_SAFETY,
     FINISH_STOP_SEQUENCE,
     FINISH_TOOL_CALLS,
-    TOOLS_AUTO,
-    TOOLS_NAMED,
-    TOOLS_NONE,
-    TOOLS_REQUIRED,
     Choice,
     ReplyRequest,
-    ToolSpec,
     chunk_text,
     plan_choices,
 )
-from simulator.formats.common import invalid, json_text, optional_int, string_list
+from simulator.formats.anthropic_request import (
+    PromptSummary,
+    check_request,
+    has_tool_result,
+    parse_tool_choice,
+    parse_tools,
+)
+from simulator.formats.common import invalid, optional_int, string_list
 from simulator.pipeline import (
     ERROR_AUTHENTICATION,
     ERROR_INVALID_REQUEST,
@@ -40,12 +41,6 @@ from simulator.pipeline import (
 )
 from simulator.state import SimulatorState
 from simulator.streaming import EventStreamResponse, named_event
-from simulator.tokens import (
-    IMAGE_TOKENS,
-    MESSAGE_OVERHEAD_TOKENS,
-    REPLY_PRIMING_TOKENS,
-    count_tokens,
-)
 
 MODELS = ("sim-claude-small", "sim-claude-large")
 STOP_REASONS = {
@@ -54,8 +49,6 @@ STOP_REASONS = {
     FINISH_TOOL_CALLS: "tool_use",
     FINISH_SAFETY: "refusal",
 }
-MEDIA_BLOCKS = frozenset({"image", "document"})
-
 ERRORS = {
     ERROR_INVALID_REQUEST: (400, "invalid_request_error"),
     ERROR_AUTHENTICATION: (401, "authentication_error"),
@@ -124,144 +117,30 @@ async def list_models(request: Request, state: SimulatorState) -> Any:
     )
 
 
-class PromptSummary:
-    """Texts and token counts of a Messages request, with its cache_control prefix.
-
-    The cached prefix runs up to and including the last block that carries
-    ``cache_control``, in the order tools, system, messages. A top-level
-    ``cache_control`` marks the whole prompt. Tool definitions add no tokens.
-    """
-
-    def __init__(self, body: dict) -> None:
-        self.texts: list[str] = []
-        self.tokens = REPLY_PRIMING_TOKENS
-        self.last_user_text = ""
-        self.cached_prefix_tokens = 0
-        self.cached_prefix_key = b""
-        # Hashing every block costs time, so it happens only when something is marked.
-        self._hash = None
-        if _has_cache_control(body):
-            self._hash = hashlib.blake2b(str(body.get("model")).encode(), digest_size=16)
-
-        for tool in body.get("tools") or []:
-            self._add_item(tool, [], 0)
-        system = body.get("system")
-        if system is not None:
-            self.tokens += MESSAGE_OVERHEAD_TOKENS
-            for block in _blocks(system, "system"):
-                self._add_block(block, "system")
-        for position, message in enumerate(body["messages"]):
-            self.tokens += MESSAGE_OVERHEAD_TOKENS
-            label = f"messages.{position}.content"
-            texts_before = len(self.texts)
-            for block in _blocks(message.get("content"), label):
-                self._add_block(block, label)
-            if message.get("role") == "user":
-                self.last_user_text = "\n".join(self.texts[texts_before:])
-
-        if body.get("cache_control") is not None:
-            self._mark_prefix()
-
-    def _add_block(self, block: Any, label: str) -> None:
-        if not isinstance(block, dict):
-            raise invalid(f"{label}: each content block must be an object")
-        block_type = block.get("type")
-        texts: list[str] = []
-        media = 0
-        if block_type == "text":
-            texts.append(str(block.get("text", "")))
-        elif block_type in MEDIA_BLOCKS:
-            media = 1
-        elif block_type == "tool_use":
-            texts += [str(block.get("name", "")), json_text(block.get("input", {}))]
-        elif block_type == "tool_result":
-            inner = block.get("content")
-            if isinstance(inner, str):
-                texts.append(inner)
-            for part in inner if isinstance(inner, list) else []:
-                if isinstance(part, dict) and part.get("type") == "text":
-                    texts.append(str(part.get("text", "")))
-                elif isinstance(part, dict) and part.get("type") in MEDIA_BLOCKS:
-                    media += 1
-        elif block_type in ("thinking", "redacted_thinking"):
-            texts.append(str(block.get("thinking", "")))
-        else:
-            raise invalid(f"{label}: unsupported content block type {block_type!r}")
-        self._add_item(block, texts, media)
-
-    def _add_item(self, item: dict, texts: list[str], media: int) -> None:
-        self.texts.extend(texts)
-        self.tokens += sum(count_tokens(text) for text in texts) + media * IMAGE_TOKENS
-        if self._hash is not None:
-            self._hash.update(orjson.dumps(item, option=orjson.OPT_SORT_KEYS))
-            if item.get("cache_control") is not None:
-                self._mark_prefix()
-
-    def _mark_prefix(self) -> None:
-        self.cached_prefix_tokens = self.tokens
-        self.cached_prefix_key = self._hash.copy().digest()
-
-
-def _blocks(content: Any, label: str) -> list:
-    """Return the content blocks of a system prompt or message, wrapping a plain string."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise invalid(f"{label}: Input should be a string or a list of content blocks")
-    return content
-
-
-def _has_cache_control(body: dict) -> bool:
-    if body.get("cache_control") is not None:
-        return True
-    items: list[Any] = list(body.get("tools") or [])
-    system = body.get("system")
-    if isinstance(system, list):
-        items.extend(system)
-    for message in body["messages"]:
-        content = message.get("content")
-        if isinstance(content, list):
-            items.extend(content)
-    return any(isinstance(item, dict) and item.get("cache_control") is not None for item in items)
-
-
-def _check_request(request: Request, body: dict) -> None:
-    if not request.headers.get("anthropic-version"):
-        raise invalid("anthropic-version: header is required")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise invalid("model: Field required")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages: Field required and must be a non-empty list")
-    for position, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise invalid(f"messages.{position}.role: Input should be 'user' or 'assistant'")
-
-
 async def count_message_tokens(request: Request, state: SimulatorState) -> Any:
     body = await read_json_object(request)
-    _check_request(request, body)
-    _tools(body.get("tools"))
+    check_request(request, body)
+    parse_tools(body.get("tools"))
     return json_response(state, {"input_tokens": PromptSummary(body).tokens})
 
 
 async def messages(request: Request, state: SimulatorState) -> Any:
     body = await read_json_object(request)
-    _check_request(request, body)
+    check_request(request, body)
     model = body["model"]
     state.stats.count_model(model)
     if body.get("max_tokens") is None:
         raise invalid("max_tokens: Field required")
     max_tokens = optional_int(body, "max_tokens", 1)
-    tools = _tools(body.get("tools"))
+    tools = parse_tools(body.get("tools"))
     prompt = PromptSummary(body)
     last_message = body["messages"][-1]
-    tool_mode, tool_name, parallel = _tool_choice(body.get("tool_choice"), tools)
+    tool_mode, tool_name, parallel = parse_tool_choice(body.get("tool_choice"), tools)
     reply_request = ReplyRequest(
         model=model,
         texts=prompt.texts,
         last_user_text=prompt.last_user_text,
-        ends_with_user_turn=last_message["role"] == "user" and not _has_tool_result(last_message),
+        ends_with_user_turn=last_message["role"] == "user" and not has_tool_result(last_message),
         max_tokens=max_tokens,
         stop=string_list(body.get("stop_sequences"), "stop_sequences"),
         tools=tools,
@@ -299,55 +178,6 @@ async def messages(request: Request, state: SimulatorState) -> Any:
             "usage": usage,
         },
     )
-
-
-def _has_tool_result(message: dict) -> bool:
-    content = message.get("content")
-    return isinstance(content, list) and any(
-        isinstance(block, dict) and block.get("type") == "tool_result" for block in content
-    )
-
-
-def _tools(value: Any) -> list[ToolSpec]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise invalid("tools: Input should be a valid list")
-    tools = []
-    for position, tool in enumerate(value):
-        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise invalid(f"tools.{position}.name: Field required")
-        schema = tool.get("input_schema")
-        if schema is None and tool.get("type", "custom") != "custom":
-            # Server tools such as web search have no input schema and are not called.
-            continue
-        if not isinstance(schema, dict):
-            raise invalid(f"tools.{position}.input_schema: Field required")
-        tools.append(ToolSpec(tool["name"], schema))
-    return tools
-
-
-def _tool_choice(value: Any, tools: list[ToolSpec]) -> tuple[str, str | None, bool]:
-    """Return the tool mode, the named tool and whether to make two parallel calls.
-
-    Two tools are called only when ``disable_parallel_tool_use`` is explicitly false.
-    """
-    if value is None:
-        return TOOLS_AUTO, None, False
-    choice_type = value.get("type") if isinstance(value, dict) else None
-    parallel = value.get("disable_parallel_tool_use") is False if choice_type else False
-    if choice_type == "auto":
-        return TOOLS_AUTO, None, parallel
-    if choice_type == "any":
-        return TOOLS_REQUIRED, None, parallel
-    if choice_type == "none":
-        return TOOLS_NONE, None, False
-    if choice_type == "tool":
-        name = value.get("name")
-        if name not in {tool.name for tool in tools}:
-            raise invalid(f"tool_choice.name: no tool named {name!r} in tools")
-        return TOOLS_NAMED, name, False
-    raise invalid("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
 
 
 def _usage(state: SimulatorState, prompt: PromptSummary, model: str) -> dict:
