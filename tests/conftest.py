@@ -54,15 +54,31 @@ def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(workdir / "redis.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, process, workdir)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            if server.client().ping():
-                return server
+            with server.client() as client:
+                client.ping()
+            return server
         except redis.ConnectionError:
             time.sleep(0.05)
     process.kill()
@@ -136,6 +152,7 @@ class Stack:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     accounts: list[Account] = field(default_factory=list)
+    clients: list[openai.OpenAI] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -155,13 +172,25 @@ class Stack:
         self.accounts.append(created)
         return created
 
-    def client(self, api_key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.api_url, api_key=api_key, max_retries=0, timeout=60)
+    def client(self, api_key: str, timeout_s: float = 60) -> openai.OpenAI:
+        """Return an SDK client for the API; it is closed when the test ends."""
+        client = openai.OpenAI(
+            base_url=self.api_url, api_key=api_key, max_retries=0, timeout=timeout_s
+        )
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        while self.clients:
+            self.clients.pop().close()
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def stack(request: pytest.FixtureRequest, redis_server: RedisServer,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     """The whole system on one backend, shared by the tests of that backend."""
     tmp_path = tmp_path_factory.mktemp(f"stack-{request.param}")
     if request.param == "postgresql":
@@ -174,11 +203,19 @@ def stack(request: pytest.FixtureRequest, redis_server: RedisServer,
     ports = SystemPorts(api=free_port(), simulator_us=free_port(), simulator_hk=free_port())
     group = ProcessGroup(log_dir=tmp_path / "logs", env={"BROKER_LOG_LEVEL": "INFO"})
     engine = make_engine(database_url, pool_size=2)
+    client = redis.Redis.from_url(redis_url)
     try:
         start_system(group, settings, ports)
-        yield Stack(request.param, settings, ports, group, session_factory(engine),
-                    redis.Redis.from_url(redis_url))
+        yield Stack(request.param, settings, ports, group, session_factory(engine), client)
     finally:
+        client.close()
         group.stop_all()
         engine.dispose()
         drop_database(handle)
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "stack" in request.fixturenames:
+        request.getfixturevalue("stack").close_clients()

@@ -47,9 +47,13 @@ def test_chat_completion_settles_wallet(stack: Stack) -> None:
     client = stack.client(account.api_key)
 
     raw = client.chat.completions.with_raw_response.create(
-        model="deepseek-v4-flash", max_tokens=200,
-        messages=[{"role": "system", "content": "You answer briefly."},
-                  {"role": "user", "content": "Name three uses of a message queue."}])
+        model="deepseek-v4-flash",
+        max_tokens=200,
+        messages=[
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Name three uses of a message queue."},
+        ],
+    )
     completion = raw.parse()
 
     assert completion.choices[0].message.content
@@ -71,15 +75,17 @@ def test_chat_completion_settles_wallet(stack: Stack) -> None:
     assert wallet.balance_micro_usd == 5_000_000 - cost
     assert wallet.held_micro_usd == 0
     with stack.sessions() as session:
-        kinds = session.scalars(select(LedgerEntry.kind).where(LedgerEntry.job_id == job_id)
-                                .order_by(LedgerEntry.id)).all()
+        kinds = session.scalars(
+            select(LedgerEntry.kind).where(LedgerEntry.job_id == job_id).order_by(LedgerEntry.id)
+        ).all()
     assert kinds == ["hold", "release", "charge"]
 
 
 def test_wallet_endpoint_shows_balance(stack: Stack) -> None:
     account = stack.new_account(1_234_567)
-    response = httpx.get(f"{stack.api_url}/wallet",
-                         headers={"authorization": f"Bearer {account.api_key}"})
+    response = httpx.get(
+        f"{stack.api_url}/wallet", headers={"authorization": f"Bearer {account.api_key}"}
+    )
     assert response.status_code == 200
     assert response.json()["balance_micro_usd"] == 1_234_567
     assert response.json()["held_micro_usd"] == 0
@@ -104,8 +110,9 @@ def test_missing_key_gets_401(stack: Stack) -> None:
 def test_unknown_key_gets_401(stack: Stack) -> None:
     client = stack.client("sk-brk-not-a-real-key-0000000000000000")
     with pytest.raises(openai.AuthenticationError) as caught:
-        client.chat.completions.create(model="deepseek-v4-flash",
-                                       messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model="deepseek-v4-flash", messages=[{"role": "user", "content": "hi"}]
+        )
     assert caught.value.status_code == 401
     assert "not-a-real-key" not in caught.value.message
 
@@ -114,29 +121,62 @@ def test_unknown_model_gets_404(stack: Stack) -> None:
     account = stack.new_account()
     with pytest.raises(openai.NotFoundError) as caught:
         stack.client(account.api_key).chat.completions.create(
-            model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
     assert caught.value.body["code"] == "model_not_found"
     assert caught.value.body["param"] == "model"
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"model": "deepseek-v4-flash"}, "messages"),
-    ({"model": "deepseek-v4-flash", "messages": []}, "messages"),
-    ({"model": "deepseek-v4-flash", "messages": [{"role": "robot", "content": "x"}]},
-     "messages[0].role"),
-    ({"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "x"}],
-      "temperature": 7}, "temperature"),
-    ({"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "x"}],
-      "max_tokens": 0}, "max_tokens"),
-    ({"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "x"}],
-      "region": "eu"}, "region"),
-    ({"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "x"}],
-      "max_tokens": 10_000_000}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "deepseek-v4-flash"}, "messages"),
+        ({"model": "deepseek-v4-flash", "messages": []}, "messages"),
+        (
+            {"model": "deepseek-v4-flash", "messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role",
+        ),
+        (
+            {
+                "model": "deepseek-v4-flash",
+                "messages": [{"role": "user", "content": "x"}],
+                "temperature": 7,
+            },
+            "temperature",
+        ),
+        (
+            {
+                "model": "deepseek-v4-flash",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 0,
+            },
+            "max_tokens",
+        ),
+        (
+            {
+                "model": "deepseek-v4-flash",
+                "messages": [{"role": "user", "content": "x"}],
+                "region": "eu",
+            },
+            "region",
+        ),
+        (
+            {
+                "model": "deepseek-v4-flash",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 10_000_000,
+            },
+            "max_tokens",
+        ),
+    ],
+)
 def test_invalid_body_gets_400_naming_param(stack: Stack, body: dict, param: str) -> None:
     account = stack.new_account()
-    response = httpx.post(f"{stack.api_url}/chat/completions", json=body,
-                          headers={"authorization": f"Bearer {account.api_key}"})
+    response = httpx.post(
+        f"{stack.api_url}/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {account.api_key}"},
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
     assert response.json()["error"]["type"] == "invalid_request_error"
@@ -144,9 +184,11 @@ def test_invalid_body_gets_400_naming_param(stack: Stack, body: dict, param: str
 
 def test_malformed_json_gets_400(stack: Stack) -> None:
     account = stack.new_account()
-    response = httpx.post(f"{stack.api_url}/chat/completions", content=b"{not json",
-                          headers={"authorization": f"Bearer {account.api_key}",
-                                   "content-type": "application/json"})
+    response = httpx.post(
+        f"{stack.api_url}/chat/completions",
+        content=b"{not json",
+        headers={"authorization": f"Bearer {account.api_key}", "content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
 
@@ -155,16 +197,19 @@ def test_uncovered_request_gets_402_and_no_job(stack: Stack) -> None:
     account = stack.new_account(10)  # ten micro-dollars
     with pytest.raises(openai.APIStatusError) as caught:
         stack.client(account.api_key).chat.completions.create(
-            model="gpt-5.4", max_tokens=1000,
-            messages=[{"role": "user", "content": "Write a long essay."}])
+            model="gpt-5.4",
+            max_tokens=1000,
+            messages=[{"role": "user", "content": "Write a long essay."}],
+        )
     assert caught.value.status_code == 402
     assert caught.value.body["code"] == "insufficient_quota"
     wallet = wallet_of(stack, account.wallet_id)
     assert wallet.balance_micro_usd == 10
     assert wallet.held_micro_usd == 0
     with stack.sessions() as session:
-        jobs = session.scalar(select(func.count()).select_from(Job)
-                              .where(Job.account_id == account.id))
+        jobs = session.scalar(
+            select(func.count()).select_from(Job).where(Job.account_id == account.id)
+        )
     assert jobs == 0
 
 
@@ -174,8 +219,11 @@ def test_hk_job_runs_only_on_hk_pool(stack: Stack) -> None:
     job_ids = []
     for number in range(6):
         raw = client.chat.completions.with_raw_response.create(
-            model="gpt-5.4-mini", max_tokens=50, extra_body={"region": "hk"},
-            messages=[{"role": "user", "content": f"Question number {number}?"}])
+            model="gpt-5.4-mini",
+            max_tokens=50,
+            extra_body={"region": "hk"},
+            messages=[{"role": "user", "content": f"Question number {number}?"}],
+        )
         assert raw.headers["x-broker-region"] == "hk"
         job_ids.append(raw.headers["x-broker-job-id"])
 
@@ -195,10 +243,11 @@ def test_hk_job_waits_while_hk_pool_is_down(stack: Stack) -> None:
     stack.group.stop("worker-hk")
     try:
         with pytest.raises(openai.APITimeoutError):
-            openai.OpenAI(base_url=stack.api_url, api_key=account.api_key, max_retries=0,
-                          timeout=3).chat.completions.create(
-                model="qwen3-max", max_tokens=20,
-                messages=[{"role": "user", "content": "Still there?"}])
+            stack.client(account.api_key, timeout_s=3).chat.completions.create(
+                model="qwen3-max",
+                max_tokens=20,
+                messages=[{"role": "user", "content": "Still there?"}],
+            )
         with stack.sessions() as session:
             job = session.scalars(select(Job).where(Job.account_id == account.id)).one()
         assert job.status == "queued"
@@ -219,23 +268,31 @@ def test_settle_delivered_three_times_charges_once(stack: Stack) -> None:
     stack.group.stop("billing")
     try:
         raw = stack.client(account.api_key).chat.completions.with_raw_response.create(
-            model="deepseek-v4-flash", max_tokens=80,
-            messages=[{"role": "user", "content": "Summarise exactly-once settlement."}])
+            model="deepseek-v4-flash",
+            max_tokens=80,
+            messages=[{"role": "user", "content": "Summarise exactly-once settlement."}],
+        )
         job_id = raw.headers["x-broker-job-id"]
         cost = int(raw.headers["x-broker-cost-micro-usd"])
         celery = make_celery()
         celery.conf.broker_url = stack.settings.redis_url
         for _ in range(2):
             celery.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
+        celery.close()
         assert stack.redis.llen(BILLING_QUEUE) == 3
     finally:
         stack.group.start("billing", broker_command("billing-worker"))
-    wait_for(lambda: stack.redis.llen(BILLING_QUEUE) == 0
-             and stack.redis.hlen("unacked") == 0, what="the billing queue to drain")
+    wait_for(
+        lambda: stack.redis.llen(BILLING_QUEUE) == 0 and stack.redis.hlen("unacked") == 0,
+        what="the billing queue to drain",
+    )
 
     with stack.sessions() as session:
-        entries = session.execute(select(LedgerEntry.kind, LedgerEntry.amount_micro_usd)
-                                  .where(LedgerEntry.job_id == job_id)).all()
+        entries = session.execute(
+            select(LedgerEntry.kind, LedgerEntry.amount_micro_usd).where(
+                LedgerEntry.job_id == job_id
+            )
+        ).all()
     assert sorted(kind for kind, _ in entries) == ["charge", "hold", "release"]
     assert [amount for kind, amount in entries if kind == "charge"] == [-cost]
     wallet = wallet_of(stack, account.wallet_id)
@@ -246,7 +303,8 @@ def test_settle_delivered_three_times_charges_once(stack: Stack) -> None:
 def test_logs_never_contain_api_key(stack: Stack) -> None:
     account = stack.new_account()
     stack.client(account.api_key).chat.completions.create(
-        model="kimi-k2.6", max_tokens=20, messages=[{"role": "user", "content": "hello"}])
+        model="kimi-k2.6", max_tokens=20, messages=[{"role": "user", "content": "hello"}]
+    )
     for log in stack.group.log_dir.glob("*.log"):
         text = log.read_text(errors="replace")
         assert account.api_key not in text, log.name

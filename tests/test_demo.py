@@ -14,14 +14,29 @@ SMALL_REQUESTS = PROJECT_DIR / "examples" / "demo_requests_small.jsonl"
 
 
 def test_demo_passes_on_small_input(redis_server: RedisServer, tmp_path: Path) -> None:
-    env = {**os.environ,
-           "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
-           "BROKER_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/5",
-           "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
+        "BROKER_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/5",
+        "COLUMNS": "200",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "demo", "--requests", str(SMALL_REQUESTS),
-         "--concurrency", "8"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "demo",
+            "--requests",
+            str(SMALL_REQUESTS),
+            "--concurrency",
+            "8",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo passed" in result.stdout
@@ -32,10 +47,19 @@ def test_demo_passes_on_small_input(redis_server: RedisServer, tmp_path: Path) -
 
 
 def test_demo_reports_unreachable_redis(tmp_path: Path) -> None:
-    env = {**os.environ, "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
-           "BROKER_REDIS_URL": "redis://127.0.0.1:1/0"}
-    result = subprocess.run([sys.executable, "-m", "broker.cli", "demo"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'demo.db'}",
+        "BROKER_REDIS_URL": "redis://127.0.0.1:1/0",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "Redis at redis://127.0.0.1:1/0 is unreachable" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr

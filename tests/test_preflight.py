@@ -11,8 +11,14 @@ import pytest
 
 
 def run_broker(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "broker.cli", *args], cwd=cwd,
-                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("command", [("api",), ("worker", "--region", "us"), ("billing-worker",)])
@@ -25,8 +31,11 @@ def test_unreachable_redis_named_in_one_line(command: tuple[str, ...], tmp_path:
 
 
 def test_unreachable_postgres_named_in_one_line(tmp_path: Path) -> None:
-    result = run_broker("migrate", cwd=tmp_path,
-                        env={"BROKER_DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:1/x"})
+    result = run_broker(
+        "migrate",
+        cwd=tmp_path,
+        env={"BROKER_DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:1/x"},
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "is unreachable" in result.stderr
@@ -34,7 +43,12 @@ def test_unreachable_postgres_named_in_one_line(tmp_path: Path) -> None:
 
 
 def test_unmigrated_database_asks_for_migrate(tmp_path: Path) -> None:
-    result = run_broker("accounts", "create", "x", cwd=tmp_path,
-                        env={"BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"})
+    result = run_broker(
+        "accounts",
+        "create",
+        "x",
+        cwd=tmp_path,
+        env={"BROKER_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"},
+    )
     assert result.returncode == 2
     assert "Run: broker migrate" in result.stderr

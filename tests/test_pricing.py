@@ -41,12 +41,15 @@ def test_hold_without_limit_uses_model_max_output() -> None:
     assert hold_micro_usd(body, 0, 1_000_000, 8_192) == 8_192
 
 
-@pytest.mark.parametrize(("model", "input_price", "output_price"), [
-    ("claude-opus-4-7", 5_000_000, 25_000_000),
-    ("gpt-5.4", 2_375_000, 4_250_000),
-    ("deepseek-v4-flash", 135_800, 271_600),
-    ("deepseek-v3.2", 248_400, 701_200),
-])
+@pytest.mark.parametrize(
+    ("model", "input_price", "output_price"),
+    [
+        ("claude-opus-4-7", 5_000_000, 25_000_000),
+        ("gpt-5.4", 2_375_000, 4_250_000),
+        ("deepseek-v4-flash", 135_800, 271_600),
+        ("deepseek-v3.2", 248_400, 701_200),
+    ],
+)
 def test_catalog_prices(model: str, input_price: int, output_price: int) -> None:
     catalog = load_catalog(DEFAULT_CATALOG_PATH)
     assert catalog.models[model].pricing.input_per_mtok == input_price
@@ -61,9 +64,10 @@ def test_catalog_covers_fourteen_providers() -> None:
 
 
 def test_base_url_override_most_specific_wins() -> None:
-    catalog = load_catalog(DEFAULT_CATALOG_PATH, {"openai": "http://a/v1",
-                                                  "openai.hk": "http://b/v1",
-                                                  "*.us": "http://c/v1"})
+    catalog = load_catalog(
+        DEFAULT_CATALOG_PATH,
+        {"openai": "http://a/v1", "openai.hk": "http://b/v1", "*.us": "http://c/v1"},
+    )
     assert catalog.base_url("openai", "hk") == "http://b/v1"
     assert catalog.base_url("openai", "us") == "http://a/v1"
     assert catalog.base_url("deepseek", "us") == "http://c/v1"
