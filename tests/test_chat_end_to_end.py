@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import Stack
+from harness import Stack
 from sqlalchemy import func, select
 from support import wait_for
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import RedisServer
+from harness import RedisServer
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 SMALL_REQUESTS = PROJECT_DIR / "examples" / "demo_requests_small.jsonl"
