@@ -41,6 +41,16 @@ class BrokerError(Exception):
             self.code = code
         self.headers = headers or {}
 
+    def to_job_error(self) -> dict[str, Any]:
+        """Return the form stored on a failed job, which ``from_job_error`` reads back."""
+        return {
+            "status": self.status_code,
+            "type": self.error_type,
+            "message": self.message,
+            "code": self.code,
+            "param": self.param,
+        }
+
     def to_body(self) -> dict[str, Any]:
         return {
             "error": {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +21,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.catalog import Catalog
 from broker.chat_request import ChatCompletionRequest
-from broker.errors import GatewayTimeout, InsufficientFunds, ServiceUnavailable
+from broker.errors import GatewayTimeout, InsufficientFunds, InvalidRequest, ServiceUnavailable
 from broker.ids import new_id
 from broker.pricing import hold_micro_usd, token_cost_micro_usd
 from broker.replies import ReplyListener
-from broker.router import Target, check_output_limit, plan_route, resolve_model
+from broker.router import (
+    Target,
+    apply_parameter_policy,
+    check_output_limit,
+    plan_route,
+    resolve_model,
+)
 from broker.tables import Job, LedgerEntry, Wallet, utcnow
 from workers.app import RUN_JOB_TASK
 
@@ -41,6 +48,21 @@ class Principal:
     account_id: str
     api_key_id: str
     wallet_id: str
+
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A checked request, ready to become a job."""
+
+    endpoint: str
+    target: Target
+    body: dict[str, Any]
+    hold: int
+    stream: bool = False
 
 
 def format_usd(micro_usd: int) -> str:
@@ -64,40 +86,127 @@ class Intake:
         self.replies = replies
         self.wait_timeout_s = wait_timeout_s
 
-    async def run_chat(
-        self, principal: Principal, body: dict[str, Any], request: ChatCompletionRequest
-    ) -> dict[str, Any]:
-        """Run a chat completion as a job and return the worker's reply message."""
+    def prepare_chat(self, body: dict[str, Any], request: ChatCompletionRequest) -> Submission:
+        """Check a chat request against its model and price its worst case."""
         model = resolve_model(self.catalog, request.model)
         check_output_limit(model, body)
-        target = plan_route(model, request.region)
+        body = apply_parameter_policy(model, body)
         hold = hold_micro_usd(
             body,
             model.pricing.input_per_mtok,
             model.pricing.output_per_mtok,
             model.max_output_tokens,
         )
-        job_id = new_id("job")
+        return Submission(
+            CHAT_ENDPOINT,
+            plan_route(model, request.region),
+            body,
+            hold,
+            stream=bool(request.stream),
+        )
 
-        await self._create_job(principal, job_id, target, body, hold)
+    def prepare_embeddings(self, body: dict[str, Any]) -> Submission:
+        """Check an embeddings request and price it: input tokens only."""
+        model_id = body.get("model")
+        if not isinstance(model_id, str) or not model_id:
+            raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+        texts = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        if (
+            not isinstance(texts, list)
+            or not texts
+            or not all(isinstance(text, str) and text for text in texts)
+        ):
+            raise InvalidRequest(
+                "'input' must be a non-empty string or a list of non-empty strings.", param="input"
+            )
+        model = resolve_model(self.catalog, model_id, category="embedding")
+        region = body.get("region")
+        tokens = sum(len(text.encode("utf-8")) for text in texts)
+        hold = token_cost_micro_usd(tokens, 0, model.pricing.input_per_mtok, 0)
+        return Submission(EMBEDDINGS_ENDPOINT, plan_route(model, region), body, hold)
+
+    async def run(self, principal: Principal, submission: Submission) -> dict[str, Any]:
+        """Run a job and return the worker's final reply message."""
+        job_id = new_id("job")
         future = self.replies.expect(job_id)
         try:
-            self._publish(job_id, target, body)
-        except (KombuError, RedisError, OSError) as exc:
-            self.replies.forget(job_id)
-            await self._abandon(job_id, principal.wallet_id, hold)
-            raise ServiceUnavailable(
-                "The job queue (Redis) is unreachable, so the request was "
-                "not run and nothing was charged. Resend it later."
-            ) from exc
-        try:
+            await self._submit(principal, job_id, submission)
             return await self._wait(job_id, future)
         finally:
             self.replies.forget(job_id)
 
-    async def _create_job(
-        self, principal: Principal, job_id: str, target: Target, body: dict[str, Any], hold: int
-    ) -> None:
+    async def stream(
+        self, principal: Principal, submission: Submission
+    ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
+        """Start a streamed job; returns its id and its chunk messages, then the final one.
+
+        Leaving the iterator early (a client that went away) asks the worker to cancel.
+        """
+        job_id = new_id("job")
+        queue = self.replies.expect_stream(job_id)
+        try:
+            await self._submit(principal, job_id, submission)
+        except BaseException:
+            self.replies.forget(job_id)
+            raise
+        return job_id, self._relay(job_id, queue)
+
+    async def _relay(
+        self, job_id: str, queue: asyncio.Queue[dict[str, Any]]
+    ) -> AsyncIterator[dict[str, Any]]:
+        finished = False
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.wait_timeout_s
+            while True:
+                try:
+                    message = await asyncio.wait_for(queue.get(), REPLY_FALLBACK_CHECK_S)
+                except TimeoutError:
+                    stored = await self._read_finished(job_id)
+                    if stored is None and loop.time() < deadline:
+                        continue
+                    finished = True
+                    yield stored or self._timeout_message(job_id)
+                    return
+                if message.get("type") != "chunk":
+                    finished = True
+                yield message
+                if finished:
+                    return
+        finally:
+            self.replies.forget(job_id)
+            if not finished:
+                await self.replies.request_cancel(job_id)
+
+    def _timeout_message(self, job_id: str) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "type": "final",
+            "status": "failed",
+            "error": GatewayTimeout(self._timeout_text(job_id)).to_job_error(),
+        }
+
+    def _timeout_text(self, job_id: str) -> str:
+        return (
+            f"Job {job_id} did not finish within {self.wait_timeout_s:g} s. It keeps "
+            "running; its result is stored with the job."
+        )
+
+    async def _submit(self, principal: Principal, job_id: str, submission: Submission) -> None:
+        await self._create_job(principal, job_id, submission)
+        try:
+            self._publish(job_id, submission)
+        except (KombuError, RedisError, OSError) as exc:
+            await self._abandon(job_id, principal.wallet_id, submission.hold)
+            raise ServiceUnavailable(
+                "The job queue (Redis) is unreachable, so the request was "
+                "not run and nothing was charged. Resend it later."
+            ) from exc
+
+    async def _create_job(self, principal: Principal, job_id: str, submission: Submission) -> None:
+        target, body, hold = submission.target, submission.body, submission.hold
         now = utcnow()
         pricing = target.model.pricing
         async with self.sessions.begin() as session:
@@ -139,7 +248,7 @@ class Intake:
                     id=job_id,
                     account_id=principal.account_id,
                     api_key_id=principal.api_key_id,
-                    endpoint="/v1/chat/completions",
+                    endpoint=submission.endpoint,
                     model=target.model.id,
                     provider=target.model.provider,
                     region=target.region,
@@ -156,16 +265,18 @@ class Intake:
                 )
             )
 
-    def _publish(self, job_id: str, target: Target, body: dict[str, Any]) -> None:
+    def _publish(self, job_id: str, submission: Submission) -> None:
+        target = submission.target
         model = target.model
         spec = {
             "job_id": job_id,
+            "endpoint": submission.endpoint,
             "model": model.id,
             "provider": model.provider,
             "region": target.region,
             "upstream_model": model.upstream_model,
             "wire_format": model.wire_format,
-            "body": body,
+            "body": submission.body,
             "reply_to": self.replies.channel,
             "input_price": model.pricing.input_per_mtok,
             "output_price": model.pricing.output_per_mtok,
@@ -223,11 +334,7 @@ class Intake:
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise GatewayTimeout(
-                    f"Job {job_id} did not finish within "
-                    f"{self.wait_timeout_s:g} s. It keeps running; its "
-                    "result is stored with the job."
-                )
+                raise GatewayTimeout(self._timeout_text(job_id))
             try:
                 return await asyncio.wait_for(
                     asyncio.shield(future), min(remaining, REPLY_FALLBACK_CHECK_S)
@@ -245,6 +352,7 @@ class Intake:
             return None
         message: dict[str, Any] = {
             "job_id": job.id,
+            "type": "final",
             "status": job.status,
             "provider": job.served_provider,
             "region": job.served_region,

@@ -94,8 +94,10 @@ def settle_job(session: Session, job_id: str) -> Settlement | None:
     if row is None:
         return None
 
+    # Usage the provider reported is charged whatever the status: a stream the client
+    # left early is billed for the tokens the provider counted before it stopped.
     cost = 0
-    if row.status == "succeeded":
+    if row.prompt_tokens or row.completion_tokens:
         cost = token_cost_micro_usd(
             row.prompt_tokens,
             row.completion_tokens,

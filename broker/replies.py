@@ -16,12 +16,16 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from workers.streaming import cancel_key
+
 logger = logging.getLogger(__name__)
 
 # Seconds one blocking pop waits before looping, so a stop request is noticed promptly.
 POP_TIMEOUT_S = 1
 # Replies taken from the list per round trip once one has arrived.
 DRAIN_BATCH = 256
+# Seconds a cancel request stays in Redis; longer than any stream runs.
+CANCEL_TTL_S = 3600
 # Seconds to wait before reading again after Redis failed.
 REDIS_RETRY_DELAY_S = 0.5
 
@@ -33,6 +37,7 @@ class ReplyListener:
         self.channel = f"broker:reply:{uuid.uuid4().hex}"
         self._redis = aioredis.Redis.from_url(redis_url)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -53,18 +58,39 @@ class ReplyListener:
         self._waiting[job_id] = future
         return future
 
+    def expect_stream(self, job_id: str) -> asyncio.Queue[dict[str, Any]]:
+        """Register interest in a streamed job: its chunks, then its final message."""
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._streams[job_id] = queue
+        return queue
+
     def forget(self, job_id: str) -> None:
         self._waiting.pop(job_id, None)
+        self._streams.pop(job_id, None)
+
+    async def request_cancel(self, job_id: str) -> None:
+        """Ask the worker running ``job_id`` to stop; safe to call while being cancelled."""
+        task = asyncio.ensure_future(self._redis.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            pass
+        except RedisError as exc:
+            logger.warning("could not ask the worker to cancel job %s: %s", job_id, exc)
 
     async def ping(self) -> None:
         await self._redis.ping()
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._streams)
 
     def _deliver(self, raw: bytes) -> None:
         message = orjson.loads(raw)
+        queue = self._streams.get(message["job_id"])
+        if queue is not None:
+            queue.put_nowait(message)
+            return
         future = self._waiting.pop(message["job_id"], None)
         if future is not None and not future.done():
             future.set_result(message)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from broker.catalog import Catalog, Model, queue_name
 from broker.errors import InvalidRequest, NotFound
+from workers.adapters import adapter_for
 
-# Wire formats that have a worker adapter.
-SUPPORTED_WIRE_FORMATS = frozenset({"openai"})
+# Body field that asks to drop parameters the provider cannot honour instead of a 400.
+DROP_PARAMS_FIELD = "drop_params"
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ def resolve_model(catalog: Catalog, model_id: str, category: str = "chat") -> Mo
             f"serve {category} requests.",
             param="model",
         )
-    if model.wire_format not in SUPPORTED_WIRE_FORMATS:
-        # TODO: adapters for the anthropic, gemini and bfl wire formats.
+    if adapter_for(model.wire_format) is None:
+        # TODO: an adapter for the bfl image API.
         raise InvalidRequest(
             f"The model '{model_id}' uses the {model.wire_format} wire "
             "format, which this broker cannot call yet.",
@@ -64,7 +66,7 @@ def plan_route(model: Model, requested_region: str | None, lane: str = "interact
     return Target(model, requested_region, lane)
 
 
-def check_output_limit(model: Model, body: dict[str, int | object]) -> None:
+def check_output_limit(model: Model, body: dict[str, Any]) -> None:
     """Reject a max_tokens above what the model can produce, as the providers do."""
     for param in ("max_completion_tokens", "max_tokens"):
         requested = body.get(param)
@@ -79,3 +81,29 @@ def check_output_limit(model: Model, body: dict[str, int | object]) -> None:
                 param=param,
                 code="invalid_value",
             )
+
+
+def apply_parameter_policy(model: Model, body: dict[str, Any]) -> dict[str, Any]:
+    """Reject parameters the model's provider cannot honour, or drop them if asked to.
+
+    A request with ``"drop_params": true`` has such parameters removed; otherwise the
+    first one is named in a 400, so no request silently runs with different settings.
+    """
+    adapter = adapter_for(model.wire_format)
+    unsupported = adapter.unsupported_parameters(body) if adapter else []
+    drop = bool(body.get(DROP_PARAMS_FIELD))
+    if unsupported and not drop:
+        raise InvalidRequest(
+            f"The model '{model.id}' ({model.wire_format} wire format) does not "
+            f"support '{unsupported[0]}'. Remove it, or send "
+            f'"{DROP_PARAMS_FIELD}": true to have it dropped.',
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
+    if not unsupported and DROP_PARAMS_FIELD not in body:
+        return body
+    return {
+        key: value
+        for key, value in body.items()
+        if key not in unsupported and key != DROP_PARAMS_FIELD
+    }

@@ -13,34 +13,60 @@ from sqlalchemy import insert, update
 
 from broker.pricing import token_cost_micro_usd
 from broker.tables import Attempt, Job, utcnow
-from workers.adapters import openai as openai_adapter
+from workers.adapters import adapter_for
 from workers.adapters.base import UpstreamError, UpstreamResult
 from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app
 from workers.context import WorkerContext, get_context
 from workers.retry import backoff_s, should_retry
+from workers.streaming import relay_stream
 
 logger = logging.getLogger(__name__)
 
 # Seconds a reply list lives in Redis when no API process reads it.
 REPLY_TTL_S = 300
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
 
 @dataclass
 class Outcome:
     result: UpstreamResult | None = None
     error: UpstreamError | None = None
+    cancelled: bool = False
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def status(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        return "succeeded" if self.result is not None else "failed"
 
-def _call_once(ctx: WorkerContext, spec: dict[str, Any]) -> UpstreamResult:
-    return openai_adapter.chat_completion(
+
+def _call_once(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> UpstreamResult:
+    adapter = adapter_for(spec["wire_format"])
+    if adapter is None:
+        raise UpstreamError(f"No adapter for the {spec['wire_format']} wire format.")
+    args = (
         ctx.http,
         ctx.catalog.base_url(spec["provider"], spec["region"]),
         ctx.provider_key(spec["provider"]),
         spec["body"],
-        upstream_model=spec["upstream_model"],
-        public_model=spec["model"],
-        timeout_s=ctx.settings.upstream_timeout_s,
+        spec["upstream_model"],
+        spec["model"],
+        ctx.settings.upstream_timeout_s,
+    )
+    if spec.get("endpoint") == EMBEDDINGS_ENDPOINT:
+        if adapter.embeddings is None:
+            raise UpstreamError(f"The {spec['wire_format']} wire format has no embeddings.")
+        return adapter.embeddings(*args)
+    if not spec["body"].get("stream"):
+        return adapter.chat_completion(*args)
+
+    assembler, outcome.cancelled = relay_stream(ctx, spec, adapter.stream_chat_completion(*args))
+    return UpstreamResult(
+        body=assembler.completion(),
+        prompt_tokens=assembler.prompt_tokens,
+        completion_tokens=assembler.completion_tokens,
+        status_code=200,
     )
 
 
@@ -52,23 +78,22 @@ def call_with_retries(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
         attempt += 1
         started = time.monotonic()
         started_at = utcnow()
+        error: UpstreamError | None = None
         try:
-            outcome.result = _call_once(ctx, spec)
-            error = None
+            outcome.result = _call_once(ctx, spec, outcome)
         except UpstreamError as exc:
             error = exc
-        latency_ms = int((time.monotonic() - started) * 1000)
         outcome.attempts.append(
             {
                 "number": attempt,
                 "provider": spec["provider"],
                 "region": spec["region"],
                 "upstream_model": spec["upstream_model"],
-                "latency_ms": latency_ms,
+                "worker": spec.get("worker"),
+                "latency_ms": int((time.monotonic() - started) * 1000),
                 "status_code": outcome.result.status_code if error is None else error.status_code,
                 "error": None if error is None else error.message[:500],
                 "started_at": started_at,
-                "worker": spec.get("worker"),
             }
         )
         if error is None:
@@ -100,6 +125,7 @@ def call_with_retries(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
 def record_outcome(ctx: WorkerContext, job_id: str, spec: dict[str, Any], outcome: Outcome) -> bool:
     """Store the outcome unless the job is already final (a redelivered message)."""
     values: dict[str, Any] = {
+        "status": outcome.status,
         "finished_at": utcnow(),
         "served_provider": spec["provider"],
         "served_region": spec["region"],
@@ -107,14 +133,12 @@ def record_outcome(ctx: WorkerContext, job_id: str, spec: dict[str, Any], outcom
     }
     if outcome.result is not None:
         values.update(
-            status="succeeded",
             response=outcome.result.body,
             prompt_tokens=outcome.result.prompt_tokens,
             completion_tokens=outcome.result.completion_tokens,
         )
-    else:
-        assert outcome.error is not None
-        values.update(status="failed", error=outcome.error.to_job_error())
+    if outcome.error is not None:
+        values["error"] = outcome.error.to_job_error()
 
     with ctx.sessions.begin() as session:
         updated = session.execute(
@@ -129,28 +153,28 @@ def record_outcome(ctx: WorkerContext, job_id: str, spec: dict[str, Any], outcom
 
 
 def send_reply(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
-    """Hand the outcome to the API process waiting for it, if one waits."""
+    """Hand the final outcome to the API process waiting for it, if one waits."""
     reply_to = spec.get("reply_to")
     if not reply_to:
         return
     message: dict[str, Any] = {
         "job_id": spec["job_id"],
+        "type": "final",
+        "status": outcome.status,
         "provider": spec["provider"],
         "region": spec["region"],
         "model": spec["model"],
     }
     if outcome.result is not None:
-        message["status"] = "succeeded"
-        message["response"] = outcome.result.body
+        if not spec["body"].get("stream"):
+            message["response"] = outcome.result.body
         message["cost_micro_usd"] = token_cost_micro_usd(
             outcome.result.prompt_tokens,
             outcome.result.completion_tokens,
             spec["input_price"],
             spec["output_price"],
         )
-    else:
-        assert outcome.error is not None
-        message["status"] = "failed"
+    if outcome.error is not None:
         message["error"] = outcome.error.to_job_error()
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.rpush(reply_to, orjson.dumps(message))
