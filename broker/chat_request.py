@@ -32,8 +32,9 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     stream: bool | None = None
-    # Broker extension: run in this region instead of the model's default one.
+    # Broker extensions: prefer a region, or allow only that region (data residency).
     region: str | None = None
+    region_pin: str | None = None
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -98,6 +98,7 @@ def worker(
         None, help="Upstream calls in flight per process [BROKER_WORKER_CONCURRENCY]."
     ),
     lanes: str = typer.Option("interactive,batch", help="Comma-separated lanes."),
+    name: str = typer.Option(None, help="Celery node name; default <region>@<host>."),
 ) -> None:
     """Run a region-pinned worker pool: it consumes only ``*.<region>.*`` queues."""
     from broker.catalog import load_catalog
@@ -118,7 +119,7 @@ def worker(
             "-Q",
             ",".join(queues),
             "-n",
-            f"{region}@%h",
+            name or f"{region}@%h",
             "-E",
             "--without-mingle",
             "--without-gossip",
@@ -228,7 +229,7 @@ def accounts_create(
 ) -> None:
     """Create an account with a wallet, optionally topped up."""
     from broker.accounts import create_account
-    from broker.intake import format_usd
+    from broker.jobstore import format_usd
     from broker.ledger import top_up
 
     _preflight(redis=False)

@@ -57,7 +57,7 @@ def _install_sqlite_events(engine: Engine) -> None:
     event.listen(engine, "begin", _sqlite_begin)
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> Engine:
     """Create the synchronous engine that workers and the CLI use."""
     target = _normalise(url, asynchronous=False)
     if target.get_backend_name() == "sqlite":
@@ -67,13 +67,13 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     return create_engine(
         target,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=max_overflow,
         pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
     )
 
 
-def make_async_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> AsyncEngine:
     """Create the asyncio engine that the API uses."""
     target = _normalise(url, asynchronous=True)
     if target.get_backend_name() == "sqlite":
@@ -85,7 +85,7 @@ def make_async_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     return create_async_engine(
         target,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=max_overflow,
         pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
     )

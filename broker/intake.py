@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
-from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.catalog import Catalog
 from broker.chat_request import ChatCompletionRequest
-from broker.errors import GatewayTimeout, InsufficientFunds, InvalidRequest, ServiceUnavailable
+from broker.circuits import unavailable_targets
+from broker.errors import Conflict, GatewayTimeout, InvalidRequest, ServiceUnavailable
 from broker.ids import new_id
+from broker.jobstore import (
+    DuplicateIdempotencyKey,
+    abandon_job,
+    create_job,
+    final_reply,
+    find_by_idempotency_key,
+    read_final_reply,
+)
 from broker.pricing import hold_micro_usd, token_cost_micro_usd
 from broker.replies import ReplyListener
 from broker.router import (
@@ -32,13 +43,21 @@ from broker.router import (
     plan_route,
     resolve_model,
 )
-from broker.tables import Job, LedgerEntry, Wallet, utcnow
-from workers.app import RUN_JOB_TASK
+from broker.tables import utcnow
+from workers.app import publish_job
+from workers.markers import queued_key
 
 logger = logging.getLogger(__name__)
 
 # Seconds between reads of the job row while waiting, in case a reply was lost.
 REPLY_FALLBACK_CHECK_S = 5.0
+# Seconds between reads of the job row while waiting on another request's job.
+IDEMPOTENT_POLL_S = 0.2
+# Seconds the queued marker outlives a job's deadline.
+MARKER_MARGIN_S = 300
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
 
 @dataclass(frozen=True)
@@ -50,23 +69,21 @@ class Principal:
     wallet_id: str
 
 
-CHAT_ENDPOINT = "/v1/chat/completions"
-EMBEDDINGS_ENDPOINT = "/v1/embeddings"
-
-
-@dataclass(frozen=True)
+@dataclass
 class Submission:
     """A checked request, ready to become a job."""
 
     endpoint: str
-    target: Target
+    plan: list[Target]
     body: dict[str, Any]
     hold: int
     stream: bool = False
+    idempotency_key: str | None = None
+    start: int = field(default=0)
 
-
-def format_usd(micro_usd: int) -> str:
-    return f"${micro_usd / 1_000_000:,.6f}"
+    @property
+    def target(self) -> Target:
+        return self.plan[self.start]
 
 
 class Intake:
@@ -78,32 +95,35 @@ class Intake:
         sessions: async_sessionmaker[AsyncSession],
         celery: Celery,
         replies: ReplyListener,
+        redis: aioredis.Redis,
         wait_timeout_s: float,
+        job_timeout_s: float,
     ) -> None:
         self.catalog = catalog
         self.sessions = sessions
         self.celery = celery
         self.replies = replies
+        self.redis = redis
         self.wait_timeout_s = wait_timeout_s
+        self.job_timeout_s = job_timeout_s
 
     def prepare_chat(self, body: dict[str, Any], request: ChatCompletionRequest) -> Submission:
         """Check a chat request against its model and price its worst case."""
         model = resolve_model(self.catalog, request.model)
         check_output_limit(model, body)
         body = apply_parameter_policy(model, body)
-        hold = hold_micro_usd(
-            body,
-            model.pricing.input_per_mtok,
-            model.pricing.output_per_mtok,
-            model.max_output_tokens,
+        plan = plan_route(self.catalog, model, body)
+        # The hold covers the dearest target, because any of them may serve the job.
+        hold = max(
+            hold_micro_usd(
+                body,
+                t.model.pricing.input_per_mtok,
+                t.model.pricing.output_per_mtok,
+                t.model.max_output_tokens,
+            )
+            for t in plan
         )
-        return Submission(
-            CHAT_ENDPOINT,
-            plan_route(model, request.region),
-            body,
-            hold,
-            stream=bool(request.stream),
-        )
+        return Submission(CHAT_ENDPOINT, plan, body, hold, stream=bool(request.stream))
 
     def prepare_embeddings(self, body: dict[str, Any]) -> Submission:
         """Check an embeddings request and price it: input tokens only."""
@@ -122,17 +142,18 @@ class Intake:
                 "'input' must be a non-empty string or a list of non-empty strings.", param="input"
             )
         model = resolve_model(self.catalog, model_id, category="embedding")
-        region = body.get("region")
+        plan = plan_route(self.catalog, model, body)
         tokens = sum(len(text.encode("utf-8")) for text in texts)
-        hold = token_cost_micro_usd(tokens, 0, model.pricing.input_per_mtok, 0)
-        return Submission(EMBEDDINGS_ENDPOINT, plan_route(model, region), body, hold)
+        hold = max(token_cost_micro_usd(tokens, 0, t.model.pricing.input_per_mtok, 0) for t in plan)
+        return Submission(EMBEDDINGS_ENDPOINT, plan, body, hold)
 
     async def run(self, principal: Principal, submission: Submission) -> dict[str, Any]:
         """Run a job and return the worker's final reply message."""
         job_id = new_id("job")
         future = self.replies.expect(job_id)
         try:
-            await self._submit(principal, job_id, submission)
+            if not await self._submit(principal, job_id, submission):
+                return await self._replay(principal, submission)
             return await self._wait(job_id, future)
         finally:
             self.replies.forget(job_id)
@@ -147,11 +168,146 @@ class Intake:
         job_id = new_id("job")
         queue = self.replies.expect_stream(job_id)
         try:
-            await self._submit(principal, job_id, submission)
+            if not await self._submit(principal, job_id, submission):
+                raise Conflict(
+                    "A request with this Idempotency-Key was already made; a "
+                    "stream cannot be replayed. Fetch the job's result instead.",
+                    param="Idempotency-Key",
+                )
         except BaseException:
             self.replies.forget(job_id)
             raise
         return job_id, self._relay(job_id, queue)
+
+    async def _submit(self, principal: Principal, job_id: str, submission: Submission) -> bool:
+        """Create and publish the job; returns False if the Idempotency-Key already ran."""
+        if submission.idempotency_key and await find_by_idempotency_key(
+            self.sessions, principal.account_id, submission.idempotency_key
+        ):
+            return False
+        submission.start = await self._choose_start(submission.plan)
+        now = utcnow()
+        deadline = now + timedelta(seconds=self.job_timeout_s)
+        spec = self._task_spec(job_id, submission, deadline.timestamp())
+        target = submission.target
+        values = {
+            "id": job_id,
+            "account_id": principal.account_id,
+            "api_key_id": principal.api_key_id,
+            "endpoint": submission.endpoint,
+            "model": target.model.id,
+            "provider": target.model.provider,
+            "region": target.region,
+            "lane": target.lane,
+            "status": "queued",
+            "request": submission.body,
+            "reply_to": self.replies.channel,
+            "idempotency_key": submission.idempotency_key,
+            "route": [t.to_spec() for t in submission.plan],
+            "dispatch": spec,
+            "dispatched_at": now,
+            "dispatch_count": 1,
+            "deadline_at": deadline,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "input_price_micro_usd": target.model.pricing.input_per_mtok,
+            "output_price_micro_usd": target.model.pricing.output_per_mtok,
+            "hold_micro_usd": submission.hold,
+            "created_at": now,
+        }
+        try:
+            await create_job(
+                self.sessions, wallet_id=principal.wallet_id, hold=submission.hold, values=values
+            )
+        except DuplicateIdempotencyKey:
+            return False
+        try:
+            await self._publish(spec, target)
+        except (KombuError, RedisError, OSError) as exc:
+            error = ServiceUnavailable(
+                "The job queue (Redis) is unreachable, so the request "
+                "was not run and nothing was charged. Resend it later."
+            )
+            await abandon_job(
+                self.sessions, job_id, principal.wallet_id, submission.hold, error.to_job_error()
+            )
+            raise error from exc
+        return True
+
+    async def _choose_start(self, plan: list[Target]) -> int:
+        """Return the first target whose circuit is closed and whose region has workers."""
+        try:
+            unavailable = await unavailable_targets(self.redis, [t.key for t in plan])
+        except RedisError:
+            return 0
+        for index, target in enumerate(plan):
+            if target.key not in unavailable:
+                return index
+        # Nothing can run it now; queue it on the primary, where a worker that comes
+        # back picks it up, or the sweeper expires it at its deadline.
+        return 0
+
+    def _task_spec(self, job_id: str, submission: Submission, deadline: float) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "endpoint": submission.endpoint,
+            "body": submission.body,
+            "reply_to": self.replies.channel,
+            "deadline": deadline,
+            "route_index": submission.start,
+            "attempt_offset": 0,
+            "route": [t.to_spec() for t in submission.plan],
+            **submission.target.to_spec(),
+        }
+
+    async def _publish(self, spec: dict[str, Any], target: Target) -> None:
+        try:
+            await self.redis.set(
+                queued_key(spec["job_id"]), b"1", ex=int(self.job_timeout_s + MARKER_MARGIN_S)
+            )
+        except RedisError as exc:
+            # Without the marker the sweeper may publish the job a second time, which
+            # the workers' lease and the job's status guard make harmless.
+            logger.warning("could not mark job %s as queued: %s", spec["job_id"], exc)
+        publish_job(self.celery, spec, target.queue)
+
+    async def _replay(self, principal: Principal, submission: Submission) -> dict[str, Any]:
+        """Return the outcome of the job that first used this Idempotency-Key."""
+        key = submission.idempotency_key
+        assert key is not None
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            job = await find_by_idempotency_key(self.sessions, principal.account_id, key)
+            if job is None:
+                raise Conflict("The request with this Idempotency-Key could not be found.")
+            if job.request != submission.body or job.endpoint != submission.endpoint:
+                raise Conflict(
+                    "This Idempotency-Key was already used with a different "
+                    "request body. Use a new key for a new request.",
+                    param="Idempotency-Key",
+                )
+            reply = final_reply(job)
+            if reply is not None:
+                return reply
+            if time.monotonic() > deadline:
+                raise GatewayTimeout(self._timeout_text(job.id))
+            await asyncio.sleep(IDEMPOTENT_POLL_S)
+
+    async def _wait(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout_s
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise GatewayTimeout(self._timeout_text(job_id))
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(future), min(remaining, REPLY_FALLBACK_CHECK_S)
+                )
+            except TimeoutError:
+                stored = await read_final_reply(self.sessions, job_id)
+                if stored is not None:
+                    return stored
 
     async def _relay(
         self, job_id: str, queue: asyncio.Queue[dict[str, Any]]
@@ -160,21 +316,16 @@ class Intake:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.wait_timeout_s
-            while True:
+            while not finished:
                 try:
                     message = await asyncio.wait_for(queue.get(), REPLY_FALLBACK_CHECK_S)
                 except TimeoutError:
-                    stored = await self._read_finished(job_id)
+                    stored = await read_final_reply(self.sessions, job_id)
                     if stored is None and loop.time() < deadline:
                         continue
-                    finished = True
-                    yield stored or self._timeout_message(job_id)
-                    return
-                if message.get("type") != "chunk":
-                    finished = True
+                    message = stored or self._timeout_message(job_id)
+                finished = message.get("type") != "chunk"
                 yield message
-                if finished:
-                    return
         finally:
             self.replies.forget(job_id)
             if not finished:
@@ -193,178 +344,3 @@ class Intake:
             f"Job {job_id} did not finish within {self.wait_timeout_s:g} s. It keeps "
             "running; its result is stored with the job."
         )
-
-    async def _submit(self, principal: Principal, job_id: str, submission: Submission) -> None:
-        await self._create_job(principal, job_id, submission)
-        try:
-            self._publish(job_id, submission)
-        except (KombuError, RedisError, OSError) as exc:
-            await self._abandon(job_id, principal.wallet_id, submission.hold)
-            raise ServiceUnavailable(
-                "The job queue (Redis) is unreachable, so the request was "
-                "not run and nothing was charged. Resend it later."
-            ) from exc
-
-    async def _create_job(self, principal: Principal, job_id: str, submission: Submission) -> None:
-        target, body, hold = submission.target, submission.body, submission.hold
-        now = utcnow()
-        pricing = target.model.pricing
-        async with self.sessions.begin() as session:
-            # The check and the hold are one statement, so concurrent requests cannot
-            # together reserve more than the wallet has.
-            held = await session.execute(
-                update(Wallet)
-                .where(
-                    Wallet.id == principal.wallet_id,
-                    Wallet.balance_micro_usd - Wallet.held_micro_usd >= hold,
-                )
-                .values(held_micro_usd=Wallet.held_micro_usd + hold, updated_at=now)
-            )
-            if held.rowcount != 1:
-                available = await session.scalar(
-                    select(Wallet.balance_micro_usd - Wallet.held_micro_usd).where(
-                        Wallet.id == principal.wallet_id
-                    )
-                )
-                raise InsufficientFunds(
-                    f"The wallet's available balance ({format_usd(available or 0)}) cannot "
-                    f"cover this request's worst-case cost ({format_usd(hold)}). Top up the "
-                    "wallet or lower max_tokens."
-                )
-            await session.execute(
-                insert(LedgerEntry).values(
-                    wallet_id=principal.wallet_id,
-                    kind="hold",
-                    amount_micro_usd=0,
-                    held_delta_micro_usd=hold,
-                    idempotency_key=f"hold:{job_id}",
-                    job_id=job_id,
-                    note="",
-                    created_at=now,
-                )
-            )
-            await session.execute(
-                insert(Job).values(
-                    id=job_id,
-                    account_id=principal.account_id,
-                    api_key_id=principal.api_key_id,
-                    endpoint=submission.endpoint,
-                    model=target.model.id,
-                    provider=target.model.provider,
-                    region=target.region,
-                    lane=target.lane,
-                    status="queued",
-                    request=body,
-                    reply_to=self.replies.channel,
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    input_price_micro_usd=pricing.input_per_mtok,
-                    output_price_micro_usd=pricing.output_per_mtok,
-                    hold_micro_usd=hold,
-                    created_at=now,
-                )
-            )
-
-    def _publish(self, job_id: str, submission: Submission) -> None:
-        target = submission.target
-        model = target.model
-        spec = {
-            "job_id": job_id,
-            "endpoint": submission.endpoint,
-            "model": model.id,
-            "provider": model.provider,
-            "region": target.region,
-            "upstream_model": model.upstream_model,
-            "wire_format": model.wire_format,
-            "body": submission.body,
-            "reply_to": self.replies.channel,
-            "input_price": model.pricing.input_per_mtok,
-            "output_price": model.pricing.output_per_mtok,
-        }
-        # The prompt travels in the message but is never shown: Flower and the worker
-        # logs print ``kwargsrepr`` instead of the arguments.
-        self.celery.send_task(
-            RUN_JOB_TASK,
-            kwargs=spec,
-            queue=target.queue,
-            kwargsrepr=f"{{job_id: {job_id}, model: {model.id}, region: {target.region}}}",
-            retry=False,
-        )
-
-    async def _abandon(self, job_id: str, wallet_id: str, hold: int) -> None:
-        """Fail a job whose task was never published and give its hold back."""
-        now = utcnow()
-        async with self.sessions.begin() as session:
-            await session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(
-                    status="failed",
-                    finished_at=now,
-                    settled_at=now,
-                    cost_micro_usd=0,
-                    error={
-                        "status": 503,
-                        "type": "service_unavailable",
-                        "message": "the job queue was unreachable",
-                    },
-                )
-            )
-            await session.execute(
-                update(Wallet)
-                .where(Wallet.id == wallet_id)
-                .values(held_micro_usd=Wallet.held_micro_usd - hold, updated_at=now)
-            )
-            await session.execute(
-                insert(LedgerEntry).values(
-                    wallet_id=wallet_id,
-                    kind="release",
-                    amount_micro_usd=0,
-                    held_delta_micro_usd=-hold,
-                    idempotency_key=f"release:{job_id}",
-                    job_id=job_id,
-                    note="job not published",
-                    created_at=now,
-                )
-            )
-
-    async def _wait(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_timeout_s
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise GatewayTimeout(self._timeout_text(job_id))
-            try:
-                return await asyncio.wait_for(
-                    asyncio.shield(future), min(remaining, REPLY_FALLBACK_CHECK_S)
-                )
-            except TimeoutError:
-                stored = await self._read_finished(job_id)
-                if stored is not None:
-                    return stored
-
-    async def _read_finished(self, job_id: str) -> dict[str, Any] | None:
-        """Rebuild the reply from the job row if the job is final (the reply was lost)."""
-        async with self.sessions() as session:
-            job = await session.get(Job, job_id)
-        if job is None or job.status in ("queued", "running"):
-            return None
-        message: dict[str, Any] = {
-            "job_id": job.id,
-            "type": "final",
-            "status": job.status,
-            "provider": job.served_provider,
-            "region": job.served_region,
-            "model": job.served_model,
-            "response": job.response,
-            "error": job.error,
-        }
-        if job.status == "succeeded":
-            message["cost_micro_usd"] = token_cost_micro_usd(
-                job.prompt_tokens,
-                job.completion_tokens,
-                job.input_price_micro_usd,
-                job.output_price_micro_usd,
-            )
-        return message

@@ -68,6 +68,10 @@ class ReplyListener:
         self._waiting.pop(job_id, None)
         self._streams.pop(job_id, None)
 
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
     async def request_cancel(self, job_id: str) -> None:
         """Ask the worker running ``job_id`` to stop; safe to call while being cancelled."""
         task = asyncio.ensure_future(self._redis.set(cancel_key(job_id), b"1", ex=CANCEL_TTL_S))

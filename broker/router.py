@@ -11,6 +11,8 @@ from workers.adapters import adapter_for
 
 # Body field that asks to drop parameters the provider cannot honour instead of a 400.
 DROP_PARAMS_FIELD = "drop_params"
+# Body fields that steer routing and never reach a provider.
+ROUTING_FIELDS = ("region", "region_pin", "models", "fallbacks")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,23 @@ class Target:
     @property
     def queue(self) -> str:
         return queue_name(self.model.provider, self.region, self.lane)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model.provider, self.region)
+
+    def to_spec(self) -> dict[str, Any]:
+        """Return the fields a worker needs to call this target."""
+        return {
+            "model": self.model.id,
+            "provider": self.model.provider,
+            "region": self.region,
+            "lane": self.lane,
+            "upstream_model": self.model.upstream_model,
+            "wire_format": self.model.wire_format,
+            "input_price": self.model.pricing.input_per_mtok,
+            "output_price": self.model.pricing.output_per_mtok,
+        }
 
 
 def resolve_model(catalog: Catalog, model_id: str, category: str = "chat") -> Model:
@@ -52,18 +71,67 @@ def resolve_model(catalog: Catalog, model_id: str, category: str = "chat") -> Mo
     return model
 
 
-def plan_route(model: Model, requested_region: str | None, lane: str = "interactive") -> Target:
-    """Pick the target for a request: the requested region, else the model's default."""
-    if requested_region is None:
-        return Target(model, model.default_region, lane)
-    if requested_region not in model.regions:
+def _fallback_models(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """Return (model id, parameter) for each fallback named by ``models`` or ``fallbacks``."""
+    named = []
+    for param in ("models", "fallbacks"):
+        value = body.get(param)
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise InvalidRequest(f"'{param}' must be a list of model ids.", param=param)
+        named.extend((model_id, param) for model_id in value)
+    return named
+
+
+def plan_route(
+    catalog: Catalog, model: Model, body: dict[str, Any], lane: str = "interactive"
+) -> list[Target]:
+    """Return the targets to try in order: the model's regions, then the fallback models.
+
+    ``region`` puts a region first; ``region_pin`` allows that region only, for data
+    residency, so neither the model nor a fallback ever runs anywhere else.
+    """
+    pinned = body.get("region_pin")
+    preferred = pinned or body.get("region")
+    param = "region_pin" if pinned else "region"
+    if preferred is not None and preferred not in model.regions:
         raise InvalidRequest(
-            f"The model '{model.id}' is not served in region "
-            f"'{requested_region}'; its regions are {', '.join(model.regions)}.",
-            param="region",
+            f"The model '{model.id}' is not served in region '{preferred}'; "
+            f"its regions are {', '.join(model.regions)}.",
+            param=param,
             code="region_not_available",
         )
-    return Target(model, requested_region, lane)
+
+    plan: list[Target] = []
+    candidates = [model] + [
+        _fallback(catalog, model, model_id, p) for model_id, p in _fallback_models(body)
+    ]
+    for candidate in candidates:
+        regions = list(candidate.regions)
+        if preferred in regions:
+            regions.remove(preferred)
+            regions.insert(0, preferred)
+        for region in regions:
+            if pinned and region != pinned:
+                continue
+            target = Target(candidate, region, lane)
+            if target not in plan:
+                plan.append(target)
+    return plan
+
+
+def _fallback(catalog: Catalog, primary: Model, model_id: str, param: str) -> Model:
+    fallback = catalog.get(model_id)
+    if fallback is None:
+        raise NotFound(
+            f"The fallback model '{model_id}' does not exist.", param=param, code="model_not_found"
+        )
+    if fallback.category != primary.category or adapter_for(fallback.wire_format) is None:
+        raise InvalidRequest(
+            f"The fallback model '{model_id}' cannot serve this request.", param=param
+        )
+    return fallback
 
 
 def check_output_limit(model: Model, body: dict[str, Any]) -> None:

@@ -24,6 +24,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; SQLite file by default, postgresql+psycopg:// in production.",
     )
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connections each process keeps to PostgreSQL, and how many more it may open under
+    # load. Every API, worker and billing process has its own pool, so their sum must
+    # stay below the server's max_connections (100 by default).
+    db_pool_size: int = 10
+    db_max_overflow: int = 5
     catalog_path: Path = DEFAULT_CATALOG_PATH
 
     api_host: str = "127.0.0.1"
@@ -43,6 +48,11 @@ class Settings(BaseSettings):
     billing_concurrency: int = 16
     # Seconds an upstream call may take before the attempt counts as timed out.
     upstream_timeout_s: float = 120.0
+    # Seconds a job may take from acceptance to its result, retries and failover
+    # included; after that the sweeper expires it and releases its hold.
+    job_timeout_s: float = 600.0
+    # Seconds between sweeper runs (re-dispatch, expiry, missed settlements).
+    sweep_interval_s: float = 5.0
     # Seconds a synchronous request waits for its job before answering 504.
     sync_wait_timeout_s: float = 600.0
     # Attempts per job on the same target for transient errors (429, 5xx, timeouts).

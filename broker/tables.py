@@ -32,6 +32,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """Return ``moment`` with its time zone: SQLite returns stored UTC times naive."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -108,6 +113,17 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
     # Where the waiting API process listens for the result, if one waits.
     reply_to: Mapped[str | None] = mapped_column(String(120))
+    # Client's Idempotency-Key header: a repeated POST returns this job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    # Targets to try in order, each {"model", "provider", "region", "upstream_model",
+    # "wire_format", "input_price", "output_price"}; the first is the primary.
+    route: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument, default=list)
+    # The task message as published, so a sweeper can publish it again.
+    dispatch: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
+    # After this moment the job is expired and its hold released.
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     served_provider: Mapped[str | None] = mapped_column(String(40))
     served_region: Mapped[str | None] = mapped_column(String(16))
     served_model: Mapped[str | None] = mapped_column(String(100))
@@ -125,6 +141,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        Index("ux_jobs_account_idempotency", "account_id", "idempotency_key", unique=True),
     )
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 from harness import (
     BACKENDS,
     PG_ADMIN_URL,
@@ -15,14 +14,11 @@ from harness import (
     Stack,
     create_database,
     drop_database,
+    running_stack,
     start_redis,
 )
 
-from broker.db import make_engine, session_factory
 from broker.migrate import upgrade
-from broker.processes import ProcessGroup, free_port
-from broker.settings import Settings
-from broker.system import SystemPorts, start_system
 
 
 @pytest.fixture(scope="session")
@@ -61,30 +57,19 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """The whole system on one backend, shared by the tests of that backend."""
-    tmp_path = tmp_path_factory.mktemp(f"stack-{request.param}")
     if request.param == "postgresql":
         request.getfixturevalue("postgres_admin")
     # Each backend gets its own Redis database number, so their queues never mix.
     redis_url = f"redis://127.0.0.1:{redis_server.port}/{BACKENDS.index(request.param) + 1}"
-    database_url, handle = create_database(request.param, tmp_path)
-    upgrade(database_url)
-    settings = Settings(database_url=database_url, redis_url=redis_url)
-    ports = SystemPorts(api=free_port(), simulator_us=free_port(), simulator_hk=free_port())
-    group = ProcessGroup(log_dir=tmp_path / "logs", env={"BROKER_LOG_LEVEL": "INFO"})
-    engine = make_engine(database_url, pool_size=2)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        start_system(group, settings, ports)
-        yield Stack(request.param, settings, ports, group, session_factory(engine), client)
-    finally:
-        client.close()
-        group.stop_all()
-        engine.dispose()
-        drop_database(handle)
+    with running_stack(
+        request.param, redis_url, tmp_path_factory.mktemp(f"stack-{request.param}")
+    ) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
 def _close_sdk_clients(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    if "stack" in request.fixturenames:
-        request.getfixturevalue("stack").close_clients()
+    for name in ("stack", "fault_stack"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).close_clients()

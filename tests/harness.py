@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +24,12 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.accounts import create_account, create_api_key
+from broker.db import make_engine, session_factory
 from broker.ledger import top_up
+from broker.migrate import upgrade
 from broker.processes import ProcessGroup, free_port
 from broker.settings import Settings
-from broker.system import SystemPorts
+from broker.system import SystemPorts, start_system
 
 # Server the PostgreSQL tests create their databases on; override for another server.
 PG_ADMIN_URL = os.environ.get("BROKER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -151,3 +155,25 @@ class Stack:
     def close_clients(self) -> None:
         while self.clients:
             self.clients.pop().close()
+
+
+@contextmanager
+def running_stack(
+    backend: str, redis_url: str, tmp_path: Path, env: dict[str, str] | None = None
+) -> Iterator[Stack]:
+    """Start the whole system on a new database; stop it and drop the database after."""
+    database_url, handle = create_database(backend, tmp_path)
+    upgrade(database_url)
+    settings = Settings(database_url=database_url, redis_url=redis_url)
+    ports = SystemPorts(api=free_port(), simulator_us=free_port(), simulator_hk=free_port())
+    group = ProcessGroup(log_dir=tmp_path / "logs", env={"BROKER_LOG_LEVEL": "INFO", **(env or {})})
+    engine = make_engine(database_url, pool_size=2)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        start_system(group, settings, ports)
+        yield Stack(backend, settings, ports, group, session_factory(engine), client)
+    finally:
+        client.close()
+        group.stop_all()
+        engine.dispose()
+        drop_database(handle)

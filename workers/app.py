@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from broker.settings import get_settings
@@ -15,6 +17,9 @@ BATCHES_QUEUE = "batches"
 # Seconds before Redis hands an unacknowledged message to another worker. Longer than
 # the longest job (the synchronous wait limit), or a slow job would run twice.
 VISIBILITY_TIMEOUT_S = 2 * 3600
+# Reconnection attempts when publishing, at most about one second in all.
+PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.25,
+                        "interval_max": 0.5}
 
 
 def make_celery() -> Celery:
@@ -41,3 +46,22 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+
+def publish_job(app: Celery, spec: dict[str, Any], queue: str) -> None:
+    """Publish a job's task.
+
+    The prompt travels in the message but is never displayed: Flower and the worker
+    logs show ``kwargsrepr`` instead of the arguments.
+    """
+    app.send_task(
+        RUN_JOB_TASK,
+        kwargs=spec,
+        queue=queue,
+        # A connection broken by a Redis restart is replaced on the first retry.
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+        kwargsrepr=(
+            f"{{job_id: {spec['job_id']}, model: {spec['model']}, region: {spec['region']}}}"
+        ),
+    )

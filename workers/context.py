@@ -42,7 +42,13 @@ def get_context() -> WorkerContext:
     return WorkerContext(
         settings=settings,
         catalog=load_catalog(settings.catalog_path, settings.base_url_overrides),
-        sessions=session_factory(make_engine(settings.database_url, pool_size=20)),
+        sessions=session_factory(
+            make_engine(
+                settings.database_url,
+                pool_size=settings.db_pool_size,
+                max_overflow=settings.db_max_overflow,
+            )
+        ),
         redis=redis.Redis.from_url(settings.redis_url),
         http=http,
     )

@@ -1,135 +1,95 @@
-"""The job task: call the upstream with retries, record the outcome, hand it back."""
+"""The job task: call the target with retries, fail over, record the outcome, hand it back."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from celery import Task
 from sqlalchemy import insert, update
 
-from broker.pricing import token_cost_micro_usd
+from broker.catalog import queue_name
+from broker.circuits import CircuitBreaker
 from broker.tables import Attempt, Job, utcnow
-from workers.adapters import adapter_for
-from workers.adapters.base import UpstreamError, UpstreamResult
-from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app
+from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app, publish_job
+from workers.calls import Outcome, call_target
 from workers.context import WorkerContext, get_context
-from workers.retry import backoff_s, should_retry
-from workers.streaming import relay_stream
+from workers.heartbeat import holder_alive, worker_identity
+from workers.markers import DONE_TTL_S, done_key, lease_key, queued_key
+from workers.replies import send_final_reply
 
 logger = logging.getLogger(__name__)
 
-# Seconds a reply list lives in Redis when no API process reads it.
-REPLY_TTL_S = 300
-EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+# Seconds a lease outlives the job's deadline, so a slow finish keeps its claim.
+LEASE_MARGIN_S = 60
+ACTIVE_STATUSES = ("queued", "running")
+# Jobs this process is running; greenlets share one thread, so a plain set is safe.
+_running: set[str] = set()
 
 
-@dataclass
-class Outcome:
-    result: UpstreamResult | None = None
-    error: UpstreamError | None = None
-    cancelled: bool = False
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+def next_target(ctx: WorkerContext, spec: dict[str, Any]) -> int | None:
+    """Return the index of the next usable target of the job's route, if any."""
+    route = spec.get("route") or []
+    later = list(range(spec.get("route_index", 0) + 1, len(route)))
+    if not later:
+        return None
+    breaker = CircuitBreaker(ctx.redis)
+    unavailable = breaker.unavailable([(route[i]["provider"], route[i]["region"]) for i in later])
+    for index in later:
+        if (route[index]["provider"], route[index]["region"]) not in unavailable:
+            return index
+    return None
 
-    @property
-    def status(self) -> str:
-        if self.cancelled:
-            return "cancelled"
-        return "succeeded" if self.result is not None else "failed"
+
+def _attempt_rows(job_id: str, outcome: Outcome) -> list[dict[str, Any]]:
+    return [dict(job_id=job_id, **attempt) for attempt in outcome.attempts]
 
 
-def _call_once(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> UpstreamResult:
-    adapter = adapter_for(spec["wire_format"])
-    if adapter is None:
-        raise UpstreamError(f"No adapter for the {spec['wire_format']} wire format.")
-    args = (
-        ctx.http,
-        ctx.catalog.base_url(spec["provider"], spec["region"]),
-        ctx.provider_key(spec["provider"]),
-        spec["body"],
-        spec["upstream_model"],
-        spec["model"],
-        ctx.settings.upstream_timeout_s,
+def hand_over(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, index: int) -> bool:
+    """Send the job to another target of its route; returns False if it is already final."""
+    job_id = spec["job_id"]
+    nxt = {key: value for key, value in spec.items() if key != "worker"}
+    nxt.update(
+        spec["route"][index],
+        route_index=index,
+        attempt_offset=spec.get("attempt_offset", 0) + len(outcome.attempts),
     )
-    if spec.get("endpoint") == EMBEDDINGS_ENDPOINT:
-        if adapter.embeddings is None:
-            raise UpstreamError(f"The {spec['wire_format']} wire format has no embeddings.")
-        return adapter.embeddings(*args)
-    if not spec["body"].get("stream"):
-        return adapter.chat_completion(*args)
-
-    assembler, outcome.cancelled = relay_stream(ctx, spec, adapter.stream_chat_completion(*args))
-    return UpstreamResult(
-        body=assembler.completion(),
-        prompt_tokens=assembler.prompt_tokens,
-        completion_tokens=assembler.completion_tokens,
-        status_code=200,
+    with ctx.sessions.begin() as session:
+        updated = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(ACTIVE_STATUSES))
+            .values(dispatch=nxt, dispatched_at=utcnow(), dispatch_count=Job.dispatch_count + 1)
+        ).rowcount
+        if not updated:
+            return False
+        session.execute(insert(Attempt), _attempt_rows(job_id, outcome))
+    ctx.redis.set(queued_key(job_id), b"1", ex=int(max(60, spec["deadline"] - time.time())))
+    publish_job(celery_app, nxt, queue_name(nxt["provider"], nxt["region"], nxt["lane"]))
+    logger.info(
+        "job %s failed over from %s.%s to %s.%s (%s): %s",
+        job_id,
+        spec["provider"],
+        spec["region"],
+        nxt["provider"],
+        nxt["region"],
+        nxt["model"],
+        outcome.error.message if outcome.error else "",
     )
+    return True
 
 
-def call_with_retries(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
-    """Call the target until it succeeds, fails for good, or the attempts run out."""
-    outcome = Outcome()
-    attempt = 0
-    while True:
-        attempt += 1
-        started = time.monotonic()
-        started_at = utcnow()
-        error: UpstreamError | None = None
-        try:
-            outcome.result = _call_once(ctx, spec, outcome)
-        except UpstreamError as exc:
-            error = exc
-        outcome.attempts.append(
-            {
-                "number": attempt,
-                "provider": spec["provider"],
-                "region": spec["region"],
-                "upstream_model": spec["upstream_model"],
-                "worker": spec.get("worker"),
-                "latency_ms": int((time.monotonic() - started) * 1000),
-                "status_code": outcome.result.status_code if error is None else error.status_code,
-                "error": None if error is None else error.message[:500],
-                "started_at": started_at,
-            }
-        )
-        if error is None:
-            return outcome
-        if not should_retry(error, attempt, ctx.settings.max_attempts):
-            logger.warning(
-                "job %s failed after %d attempts on %s.%s: %s",
-                spec["job_id"],
-                attempt,
-                spec["provider"],
-                spec["region"],
-                error.message,
-            )
-            outcome.error = error
-            return outcome
-        delay_s = backoff_s(attempt, error, ctx.settings.max_backoff_s)
-        logger.info(
-            "job %s attempt %d on %s.%s failed (%s), retrying in %.2f s",
-            spec["job_id"],
-            attempt,
-            spec["provider"],
-            spec["region"],
-            error.status_code or type(error).__name__,
-            delay_s,
-        )
-        time.sleep(delay_s)
-
-
-def record_outcome(ctx: WorkerContext, job_id: str, spec: dict[str, Any], outcome: Outcome) -> bool:
-    """Store the outcome unless the job is already final (a redelivered message)."""
+def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
+    """Store the outcome unless the job is already final (a repeated delivery)."""
     values: dict[str, Any] = {
         "status": outcome.status,
         "finished_at": utcnow(),
         "served_provider": spec["provider"],
         "served_region": spec["region"],
         "served_model": spec["model"],
+        # The job is charged at the prices of the target that served it.
+        "input_price_micro_usd": spec["input_price"],
+        "output_price_micro_usd": spec["output_price"],
     }
     if outcome.result is not None:
         values.update(
@@ -143,56 +103,70 @@ def record_outcome(ctx: WorkerContext, job_id: str, spec: dict[str, Any], outcom
     with ctx.sessions.begin() as session:
         updated = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+            .where(Job.id == spec["job_id"], Job.status.in_(ACTIVE_STATUSES))
             .values(**values)
         ).rowcount
         if not updated:
             return False
-        session.execute(insert(Attempt), [dict(job_id=job_id, **a) for a in outcome.attempts])
+        session.execute(insert(Attempt), _attempt_rows(spec["job_id"], outcome))
     return True
 
 
-def send_reply(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
-    """Hand the final outcome to the API process waiting for it, if one waits."""
-    reply_to = spec.get("reply_to")
-    if not reply_to:
+def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
+    """Record a final outcome, then hand it back and ask billing to settle."""
+    job_id = spec["job_id"]
+    if not record_outcome(ctx, spec, outcome):
+        logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
         return
-    message: dict[str, Any] = {
-        "job_id": spec["job_id"],
-        "type": "final",
-        "status": outcome.status,
-        "provider": spec["provider"],
-        "region": spec["region"],
-        "model": spec["model"],
-    }
-    if outcome.result is not None:
-        if not spec["body"].get("stream"):
-            message["response"] = outcome.result.body
-        message["cost_micro_usd"] = token_cost_micro_usd(
-            outcome.result.prompt_tokens,
-            outcome.result.completion_tokens,
-            spec["input_price"],
-            spec["output_price"],
+    ctx.redis.set(done_key(job_id), b"1", ex=DONE_TTL_S)
+    send_final_reply(ctx.redis, spec, outcome)
+    # A crash before this line leaves the job unsettled; the sweeper sends the settle
+    # task for finished, unsettled jobs.
+    celery_app.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
+
+
+def claim_lease(ctx: WorkerContext, job_id: str, region: str, deadline: float) -> bool:
+    """Take the job's lease unless a live worker other than this one holds it.
+
+    The lease names the heartbeat that proves its holder alive: ``<pool>|<identity>``.
+    It is first taken when the message is received, before the task starts, so a job
+    whose worker dies even before starting it is found by the sweeper.
+    """
+    holder = f"{region}|{worker_identity()}"
+    lease_s = int(max(0.0, deadline - time.time()) + LEASE_MARGIN_S)
+    if ctx.redis.set(lease_key(job_id), holder, nx=True, ex=lease_s):
+        return True
+    current = ctx.redis.get(lease_key(job_id))
+    if current and current.decode() != holder and holder_alive(ctx.redis, current):
+        logger.info(
+            "job %s is running on %s; dropping a repeated delivery", job_id, current.decode()
         )
-    if outcome.error is not None:
-        message["error"] = outcome.error.to_job_error()
-    pipe = ctx.redis.pipeline(transaction=False)
-    pipe.rpush(reply_to, orjson.dumps(message))
-    pipe.expire(reply_to, REPLY_TTL_S)
-    pipe.execute()
+        return False
+    ctx.redis.set(lease_key(job_id), holder, ex=lease_s)
+    return True
 
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self: Task, **spec: Any) -> None:
     """Run one job: ``spec`` is the message the API published (see ``broker.intake``)."""
     ctx = get_context()
-    spec["worker"] = self.request.hostname
     job_id = spec["job_id"]
-    outcome = call_with_retries(ctx, spec)
-    if not record_outcome(ctx, job_id, spec, outcome):
-        logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
+    spec["worker"] = self.request.hostname
+    if ctx.redis.exists(done_key(job_id)):
+        logger.info("job %s is already done; dropping a repeated delivery", job_id)
         return
-    # TODO: a crash between the record above and the two sends below leaves the job
-    # unsettled until a sweeper re-sends the settle task.
-    send_reply(ctx, spec, outcome)
-    celery_app.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
+    if job_id in _running or not claim_lease(ctx, job_id, spec["region"], spec["deadline"]):
+        logger.info("job %s is already running; dropping a repeated delivery", job_id)
+        return
+    _running.add(job_id)
+    try:
+        outcome = call_target(ctx, spec)
+        if outcome.error is not None and outcome.error.failover:
+            index = next_target(ctx, spec)
+            if index is not None:
+                hand_over(ctx, spec, outcome, index)
+                return
+        finish(ctx, spec, outcome)
+    finally:
+        _running.discard(job_id)
+        ctx.redis.delete(lease_key(job_id))

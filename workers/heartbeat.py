@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 
 import redis
+
+from broker.circuits import REGION_ALIVE_TTL_S, region_alive_key
 
 logger = logging.getLogger(__name__)
 
@@ -15,8 +18,28 @@ HEARTBEAT_INTERVAL_S = 5.0
 HEARTBEAT_TTL_S = 15
 
 
+def worker_identity() -> str:
+    """Return ``<node name>#<pid>``: unique even when a restarted worker reuses its name."""
+    return f"{_node_name or socket.gethostname()}#{os.getpid()}"
+
+
+def set_node_name(name: str) -> None:
+    global _node_name
+    _node_name = name
+
+
+_node_name: str | None = None
+
+
 def heartbeat_key(pool: str, hostname: str) -> str:
     return f"broker:workers:{pool}:{hostname}"
+
+
+def holder_alive(client: redis.Redis, holder: bytes | str) -> bool:
+    """Return whether the worker named by a lease value ``<pool>|<node name>`` is alive."""
+    text = holder.decode() if isinstance(holder, bytes) else holder
+    pool, _, node = text.partition("|")
+    return bool(client.exists(heartbeat_key(pool, node)))
 
 
 def live_workers(client: redis.Redis, pool: str) -> list[str]:
@@ -25,8 +48,10 @@ def live_workers(client: redis.Redis, pool: str) -> list[str]:
     return sorted(key.decode()[len(prefix) :] for key in client.scan_iter(f"{prefix}*"))
 
 
-def start_heartbeat(redis_url: str, pool: str, hostname: str | None = None) -> threading.Event:
-    """Refresh this worker's key until the returned event is set."""
+def start_heartbeat(
+    redis_url: str, pool: str, hostname: str | None = None, region: str | None = None
+) -> threading.Event:
+    """Refresh this worker's key (and its region's) until the returned event is set."""
     client = redis.Redis.from_url(redis_url)
     key = heartbeat_key(pool, hostname or socket.gethostname())
     stop = threading.Event()
@@ -34,7 +59,11 @@ def start_heartbeat(redis_url: str, pool: str, hostname: str | None = None) -> t
     def beat() -> None:
         while not stop.is_set():
             try:
-                client.set(key, "1", ex=HEARTBEAT_TTL_S)
+                pipe = client.pipeline(transaction=False)
+                pipe.set(key, "1", ex=HEARTBEAT_TTL_S)
+                if region:
+                    pipe.set(region_alive_key(region), "1", ex=REGION_ALIVE_TTL_S)
+                pipe.execute()
             except redis.RedisError as exc:
                 logger.warning("heartbeat %s could not be written: %s", key, exc)
             stop.wait(HEARTBEAT_INTERVAL_S)

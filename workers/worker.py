@@ -10,12 +10,15 @@ import logging
 import os
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
 
 from broker.settings import get_settings
 from workers import billing, dispatch  # noqa: F401  (registers the tasks)
-from workers.app import celery_app
-from workers.heartbeat import start_heartbeat
+from workers.app import RUN_JOB_TASK, celery_app
+from workers.context import get_context
+from workers.dispatch import claim_lease
+from workers.heartbeat import set_node_name, start_heartbeat, worker_identity
+from workers.sweeper import start_sweeper
 
 # The pool name this process beats for, set by the ``broker`` command that starts it.
 POOL_ENV = "BROKER_WORKER_POOL"
@@ -25,17 +28,38 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 app = celery_app
 _stop_heartbeat = None
+_stop_sweeper = None
 
 
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    global _stop_heartbeat
+    global _stop_heartbeat, _stop_sweeper
     pool = os.environ.get(POOL_ENV)
+    set_node_name(sender.hostname)
     if pool:
-        _stop_heartbeat = start_heartbeat(get_settings().redis_url, pool, sender.hostname)
+        _stop_heartbeat = start_heartbeat(
+            get_settings().redis_url, pool, worker_identity(), region=get_settings().worker_region
+        )
+    if pool == "billing":
+        # Any number of billing workers may run it; a Redis lock lets one sweep at a time.
+        _stop_sweeper = start_sweeper(get_settings().sweep_interval_s)
+
+
+@task_received.connect
+def _on_received(request: Any = None, **_: Any) -> None:
+    if request is None or request.task_name != RUN_JOB_TASK:
+        return
+    spec = request.kwargs
+    try:
+        claim_lease(get_context(), spec["job_id"], spec["region"], spec["deadline"])
+    except Exception:  # noqa: BLE001  (the task claims the lease again when it starts)
+        logging.getLogger(__name__).warning(
+            "could not take the lease of job %s on receipt", spec.get("job_id")
+        )
 
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
-    if _stop_heartbeat is not None:
-        _stop_heartbeat.set()
+    for stop in (_stop_heartbeat, _stop_sweeper):
+        if stop is not None:
+            stop.set()

@@ -8,7 +8,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from broker.api import catalog_routes, chat, wallet
@@ -16,7 +18,7 @@ from broker.api.auth import KeyAuthenticator
 from broker.api.services import Services, services
 from broker.catalog import load_catalog
 from broker.db import async_session_factory, make_async_engine
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ServiceUnavailable
 from broker.intake import Intake
 from broker.jsonresponse import ORJSONResponse
 from broker.logs import configure_logging
@@ -29,7 +31,11 @@ logger = logging.getLogger(__name__)
 
 def _build_services(settings: Settings) -> Services:
     catalog = load_catalog(settings.catalog_path, settings.base_url_overrides)
-    engine = make_async_engine(settings.database_url)
+    engine = make_async_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
     sessions = async_session_factory(engine)
     replies = ReplyListener(settings.redis_url)
     celery = make_celery()
@@ -41,7 +47,15 @@ def _build_services(settings: Settings) -> Services:
         celery=celery,
         replies=replies,
         auth=KeyAuthenticator(sessions, settings.key_cache_ttl_s),
-        intake=Intake(catalog, sessions, celery, replies, settings.sync_wait_timeout_s),
+        intake=Intake(
+            catalog,
+            sessions,
+            celery,
+            replies,
+            replies.redis,
+            settings.sync_wait_timeout_s,
+            settings.job_timeout_s,
+        ),
     )
 
 
@@ -81,6 +95,29 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
         return ORJSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(request: Request, exc: DBAPIError) -> ORJSONResponse:
+        # The transaction that failed wrote nothing, so no hold or job exists for it.
+        logger.warning(
+            "database error on %s %s: %s",
+            request.method,
+            request.url.path,
+            type(exc.orig).__name__ if exc.orig else type(exc).__name__,
+        )
+        return _error_response(
+            ServiceUnavailable(
+                "The broker's database is unavailable or overloaded; nothing was charged. "
+                "Resend the request shortly."
+            )
+        )
+
+    @app.exception_handler(RedisError)
+    async def redis_error(request: Request, exc: RedisError) -> ORJSONResponse:
+        logger.warning("Redis error on %s %s: %s", request.method, request.url.path, exc)
+        return _error_response(
+            ServiceUnavailable("The broker's Redis is unavailable; resend the request shortly.")
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> ORJSONResponse:

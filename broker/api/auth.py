@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -11,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from broker.errors import AuthenticationFailed
 from broker.intake import Principal
 from broker.keys import KEY_PREFIX, hash_key
-from broker.tables import ApiKey, Wallet, utcnow
+from broker.tables import ApiKey, Wallet, as_utc, utcnow
 
 # Entries kept at most; the cache is cleared when full rather than tracked per entry.
 MAX_CACHED_KEYS = 10_000
@@ -77,11 +76,6 @@ class KeyAuthenticator:
             raise incorrect
         if row.revoked_at is not None:
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
-        if row.expires_at is not None and _aware(row.expires_at) <= utcnow():
+        if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
         return Principal(account_id=row.account_id, api_key_id=row.id, wallet_id=row.wallet_id)
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite returns naive datetimes for timezone-aware columns; they are stored in UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -10,12 +10,14 @@ from fastapi.responses import Response, StreamingResponse
 
 from broker.api.services import Caller, services
 from broker.chat_request import parse_json_body, validate_chat_request
-from broker.errors import PayloadTooLarge, from_job_error
+from broker.errors import InvalidRequest, PayloadTooLarge, from_job_error
 from broker.jsonresponse import json_bytes
 
 router = APIRouter()
 
 SSE_DONE = b"data: [DONE]\n\n"
+# Longest Idempotency-Key accepted; the column holds 200 characters.
+MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
 async def _read_body(request: Request) -> dict[str, Any]:
@@ -24,6 +26,16 @@ async def _read_body(request: Request) -> dict[str, Any]:
     if len(raw) > limit:
         raise PayloadTooLarge(f"The request body has {len(raw)} bytes; the limit is {limit}.")
     return parse_json_body(raw)
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(
+            f"The Idempotency-Key header must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters.",
+            param="Idempotency-Key",
+        )
+    return key
 
 
 def _served_headers(reply: dict[str, Any]) -> dict[str, str]:
@@ -51,6 +63,7 @@ async def create_chat_completion(request: Request, caller: Caller) -> Response:
     chat = validate_chat_request(body)
     intake = services(request).intake
     submission = intake.prepare_chat(body, chat)
+    submission.idempotency_key = _idempotency_key(request)
     if not submission.stream:
         return _final_response(await intake.run(caller, submission))
 
@@ -94,4 +107,6 @@ async def _sse(
 async def create_embeddings(request: Request, caller: Caller) -> Response:
     body = await _read_body(request)
     intake = services(request).intake
-    return _final_response(await intake.run(caller, intake.prepare_embeddings(body)))
+    submission = intake.prepare_embeddings(body)
+    submission.idempotency_key = _idempotency_key(request)
+    return _final_response(await intake.run(caller, submission))

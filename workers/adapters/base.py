@@ -2,8 +2,14 @@
 
     UpstreamError                 the call failed; ``retryable`` says whether to try again
      +-- UpstreamTimeout          no answer within the attempt's timeout (retryable)
+     |    +-- DeadlineExceeded    the job's overall deadline passed (final)
      +-- UpstreamUnreachable      connection refused, reset or DNS failure (retryable)
      +-- UpstreamStatusError      the provider answered with an error status
+     +-- CircuitOpen              the target's circuit is open; nothing was sent
+
+``retryable`` means another attempt at the same target may succeed; ``failover`` means
+another target (region or fallback model) may succeed; ``trips_circuit`` means the
+failure says something about the target's health rather than about the request.
 
 Adapters map httpx errors and provider error bodies to these classes in one place, so
 no httpx exception reaches a task body.
@@ -25,6 +31,7 @@ class UpstreamError(Exception):
     """An upstream call that did not produce a usable response."""
 
     retryable = False
+    trips_circuit = False
     # Status and error type the client sees when this is the job's final error.
     client_status = 502
     client_error_type = "upstream_error"
@@ -43,6 +50,10 @@ class UpstreamError(Exception):
         self.retry_after_s = retry_after_s
         self.code = code
 
+    @property
+    def failover(self) -> bool:
+        return self.retryable
+
     def to_job_error(self) -> dict[str, Any]:
         return {
             "status": self.client_status,
@@ -55,12 +66,33 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError):
     retryable = True
+    trips_circuit = True
     client_status = 504
     client_error_type = "timeout"
 
 
+class DeadlineExceeded(UpstreamTimeout):
+    retryable = False
+
+    @property
+    def failover(self) -> bool:
+        return False
+
+
+class CircuitOpen(UpstreamError):
+    """The target failed repeatedly, so the breaker sends it nothing for a while."""
+
+    client_status = 503
+    client_error_type = "service_unavailable"
+
+    @property
+    def failover(self) -> bool:
+        return True
+
+
 class UpstreamUnreachable(UpstreamError):
     retryable = True
+    trips_circuit = True
 
 
 class UpstreamStatusError(UpstreamError):
@@ -76,6 +108,7 @@ class UpstreamStatusError(UpstreamError):
     ) -> None:
         super().__init__(message, status_code=status_code, retry_after_s=retry_after_s, code=code)
         self.retryable = status_code in RETRYABLE_STATUSES
+        self.trips_circuit = status_code >= 500
         if status_code in (401, 403):
             # The provider rejected the broker's own credentials: an operator problem.
             self.client_status = 502
@@ -90,6 +123,12 @@ class UpstreamStatusError(UpstreamError):
         elif 400 <= status_code < 500 and status_code not in RETRYABLE_STATUSES:
             self.client_status = 400
             self.client_error_type = "invalid_request_error"
+
+    @property
+    def failover(self) -> bool:
+        # Rejected credentials or an unknown upstream model are this provider's
+        # configuration, which another target does not share; a bad request is not.
+        return self.retryable or self.status_code in (401, 403, 404)
 
 
 @dataclass(frozen=True)

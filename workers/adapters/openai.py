@@ -16,7 +16,7 @@ from workers.adapters.base import (
 )
 
 # Body fields that steer the broker itself and mean nothing to a provider.
-BROKER_FIELDS = ("region", "models", "fallbacks")
+BROKER_FIELDS = ("region", "region_pin", "models", "fallbacks", "drop_params")
 
 
 def build_body(body: dict[str, Any], upstream_model: str) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+"""The worker side of result hand-back: push the final message to the API's reply list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis
+
+from broker.pricing import token_cost_micro_usd
+
+# Seconds a reply list lives in Redis when no API process reads it.
+REPLY_TTL_S = 300
+
+
+def send_final_reply(client: redis.Redis, spec: dict[str, Any], outcome: Any) -> None:
+    """Hand a job's final outcome to the API process waiting for it, if one waits."""
+    reply_to = spec.get("reply_to")
+    if not reply_to:
+        return
+    message: dict[str, Any] = {
+        "job_id": spec["job_id"],
+        "type": "final",
+        "status": outcome.status,
+        "provider": spec["provider"],
+        "region": spec["region"],
+        "model": spec["model"],
+    }
+    if outcome.result is not None:
+        if not spec["body"].get("stream"):
+            message["response"] = outcome.result.body
+        message["cost_micro_usd"] = token_cost_micro_usd(
+            outcome.result.prompt_tokens,
+            outcome.result.completion_tokens,
+            spec["input_price"],
+            spec["output_price"],
+        )
+    if outcome.error is not None:
+        message["error"] = outcome.error.to_job_error()
+    pipe = client.pipeline(transaction=False)
+    pipe.rpush(reply_to, orjson.dumps(message))
+    pipe.expire(reply_to, REPLY_TTL_S)
+    pipe.execute()
