@@ -46,6 +46,10 @@ class Account(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
+    # Price multiplier in parts per million: 1_050_000 is a 5 % markup, 950_000 a 5 %
+    # discount on the catalog prices.
+    price_multiplier_ppm: Mapped[int] = mapped_column(BigInteger, default=1_000_000,
+                                                      server_default="1000000")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -62,6 +66,12 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Most the key may spend per calendar month (UTC), in micro-dollars; None: no limit.
+    monthly_limit_micro_usd: Mapped[int | None] = mapped_column(BigInteger)
+    # Model ids the key may call; None: every model.
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSONDocument)
+    # The only region the key's jobs may run in (data residency); None: any region.
+    region_pin: Mapped[str | None] = mapped_column(String(16))
 
 
 class Wallet(Base):
@@ -124,6 +134,15 @@ class Job(Base):
     dispatch_count: Mapped[int] = mapped_column(Integer, default=0)
     # After this moment the job is expired and its hold released.
     deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Asynchronous jobs: the batch a job belongs to, its line's custom_id, the client's
+    # metadata, and where to POST the completion event.
+    batch_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    custom_id: Mapped[str | None] = mapped_column(String(200))
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    # Prompt tokens the provider served from its cache, charged at the cached price.
+    cached_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cached_input_price_micro_usd: Mapped[int | None] = mapped_column(BigInteger)
     served_provider: Mapped[str | None] = mapped_column(String(40))
     served_region: Mapped[str | None] = mapped_column(String(16))
     served_model: Mapped[str | None] = mapped_column(String(100))
@@ -162,3 +181,105 @@ class Attempt(Base):
     latency_ms: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StoredFile(Base):
+    """An uploaded or generated file (OpenAI Files API); its bytes live on disk."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    # Path relative to the file store's root folder.
+    storage_path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Batch(Base):
+    """An OpenAI-compatible batch: one input file of requests, run as jobs on the batch lane."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    # validating, failed, in_progress, finalizing, completed, expired, cancelling, cancelled
+    status: Mapped[str] = mapped_column(String(16))
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONDocument)
+    errors: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookEndpoint(Base):
+    """Where an account receives events, with the secret that signs them.
+
+    The secret must be readable to sign, so it is stored as is; the previous secret
+    keeps signing alongside the new one for a grace period after a rotation.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    secret: Mapped[str] = mapped_column(String(200))
+    previous_secret: Mapped[str | None] = mapped_column(String(200))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One event to deliver to one URL, retried until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    endpoint_id: Mapped[str | None] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    # pending, delivered, failed (gave up)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery, logged whatever its result."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
