@@ -20,7 +20,9 @@ keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
 wallet_app = typer.Typer(help="Top up and inspect wallets.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(keys_app, name="keys")
+billing_app = typer.Typer(help="Check and correct the ledger.", no_args_is_help=True)
 app.add_typer(wallet_app, name="wallet")
+app.add_typer(billing_app, name="billing")
 
 console = Console()
 errors = Console(stderr=True)
@@ -136,8 +138,9 @@ def billing_worker(
         None, help="Settlements in flight [BROKER_BILLING_CONCURRENCY]."
     ),
 ) -> None:
-    """Run the billing worker: it settles finished jobs against wallets."""
-    from workers.app import BILLING_QUEUE
+    """Run the billing worker: it settles finished jobs against wallets, and also runs
+    the batch tasks and webhook deliveries (the batches and webhooks queues)."""
+    from workers.app import BATCHES_QUEUE, BILLING_QUEUE, WEBHOOKS_QUEUE
 
     _preflight()
     settings = get_settings()
@@ -149,7 +152,7 @@ def billing_worker(
             "-c",
             str(concurrency or settings.billing_concurrency),
             "-Q",
-            BILLING_QUEUE,
+            ",".join((BILLING_QUEUE, BATCHES_QUEUE, WEBHOOKS_QUEUE)),
             "-n",
             "billing@%h",
             "-E",
@@ -299,6 +302,175 @@ def wallet_show(account_id: str) -> None:
     console.print(table)
     if not check.ok:
         fail("the wallet does not match its ledger", code=1)
+
+
+@billing_app.command("reconcile")
+def billing_reconcile() -> None:
+    """Check every wallet against its ledger; exits 1 if any differs."""
+    from broker.ledger import check_all_wallets
+
+    _preflight(redis=False)
+    with _sessions()() as session:
+        checks = check_all_wallets(session)
+    bad = [check for check in checks if not check.ok]
+    for check in bad:
+        errors.print(
+            f"wallet {check.wallet_id}: balance {check.balance_micro_usd} vs ledger "
+            f"{check.ledger_balance_micro_usd}, held {check.held_micro_usd} vs ledger "
+            f"{check.ledger_held_micro_usd} (micro-USD)"
+        )
+    console.print(f"{len(checks)} wallets checked, {len(bad)} differ from their ledger")
+    if bad:
+        raise typer.Exit(1)
+
+
+@billing_app.command("adjust")
+def billing_adjust(
+    account_id: str,
+    amount: str = typer.Argument(..., help="US dollars; negative to debit."),
+    note: str = typer.Option(..., help="Why; stored with the entry."),
+    idempotency_key: str = typer.Option(None, help="Applies the adjustment once."),
+) -> None:
+    """Correct a wallet's balance by AMOUNT US dollars with an adjustment entry."""
+    from broker.ledger import LedgerError, credit
+
+    _preflight(redis=False)
+    sign = -1 if amount.startswith("-") else 1
+    micro = sign * _dollars_to_micro(amount.lstrip("-"))
+    with _sessions().begin() as session:
+        try:
+            applied = credit(
+                session,
+                account_id,
+                micro,
+                kind="adjustment",
+                idempotency_key=idempotency_key,
+                note=note,
+            )
+        except LedgerError as exc:
+            fail(str(exc))
+    console.print("adjusted" if applied else "already applied; nothing changed")
+
+
+@billing_app.command("refund")
+def billing_refund(
+    job_id: str,
+    amount: str = typer.Option(None, help="US dollars; the whole charge if omitted."),
+    note: str = typer.Option("", help="Why; stored with the entry."),
+) -> None:
+    """Refund part or all of a settled job's charge."""
+    from broker.ledger import LedgerError, refund_job
+
+    _preflight(redis=False)
+    micro = _dollars_to_micro(amount) if amount else None
+    with _sessions().begin() as session:
+        try:
+            refunded = refund_job(session, job_id, micro, note)
+        except LedgerError as exc:
+            fail(str(exc))
+    console.print(f"refunded {refunded} micro-USD")
+
+
+def _announce_key(key_hash: str) -> None:
+    import redis
+
+    from broker.accounts import announce_key_change
+
+    client = redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=2)
+    announce_key_change(client, key_hash)
+    client.close()
+
+
+@keys_app.command("list")
+def keys_list(account_id: str) -> None:
+    """List an account's keys by prefix; the keys themselves are never stored."""
+    from broker.accounts import describe_key, list_keys
+
+    _preflight(redis=False)
+    table = Table("id", "name", "prefix", "revoked", "expires", "monthly limit", "models", "region")
+    with _sessions()() as session:
+        for row in list_keys(session, account_id):
+            info = describe_key(row)
+            table.add_row(
+                info["id"],
+                info["name"],
+                info["prefix"],
+                str(info["revoked_at"] or ""),
+                str(info["expires_at"] or ""),
+                str(info["monthly_limit_micro_usd"] or ""),
+                ",".join(info["allowed_models"] or []),
+                info["region_pin"] or "",
+            )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key; every API process stops accepting it at once."""
+    from broker.accounts import KeyNotFound, revoke_key
+
+    _preflight(redis=False)
+    with _sessions().begin() as session:
+        try:
+            key_hash = revoke_key(session, key_id).key_hash
+        except KeyNotFound as exc:
+            fail(str(exc))
+    _announce_key(key_hash)
+    console.print(f"revoked {key_id}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_id: str) -> None:
+    """Replace a key by a new one with the same limits; prints the new key once."""
+    from broker.accounts import KeyNotFound, get_key, rotate_key
+
+    _preflight(redis=False)
+    with _sessions().begin() as session:
+        try:
+            old_hash = get_key(session, key_id).key_hash
+            row, key = rotate_key(session, key_id)
+        except KeyNotFound as exc:
+            fail(str(exc))
+    _announce_key(old_hash)
+    errors.print(f"key {row.id} replaces {key_id}; store it now, it is not shown again:")
+    print(key)
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: str,
+    monthly_limit: str = typer.Option(None, help="US dollars per calendar month; 'none' clears."),
+    models: str = typer.Option(None, help="Comma-separated model ids; 'none' clears."),
+    region: str = typer.Option(None, help="Region pin; 'none' clears."),
+    expires: str = typer.Option(None, help="ISO 8601 time; 'none' clears."),
+) -> None:
+    """Set a key's monthly spending limit, allowed models, region pin or expiry."""
+    from datetime import datetime
+
+    from broker.accounts import KeyNotFound, update_key
+
+    changes: dict[str, object] = {}
+    if monthly_limit is not None:
+        changes["monthly_limit_micro_usd"] = (
+            None if monthly_limit == "none" else _dollars_to_micro(monthly_limit)
+        )
+    if models is not None:
+        changes["allowed_models"] = None if models == "none" else models.split(",")
+    if region is not None:
+        changes["region_pin"] = None if region == "none" else region
+    if expires is not None:
+        try:
+            changes["expires_at"] = None if expires == "none" else datetime.fromisoformat(expires)
+        except ValueError:
+            fail(f"invalid time {expires!r}: use ISO 8601, e.g. 2027-01-31T00:00:00+00:00")
+    _preflight(redis=False)
+    with _sessions().begin() as session:
+        try:
+            key_hash = update_key(session, key_id, **changes).key_hash
+        except KeyNotFound as exc:
+            fail(str(exc))
+    _announce_key(key_hash)
+    console.print(f"updated {key_id}")
 
 
 @app.command()

@@ -21,10 +21,16 @@ from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from broker.catalog import Catalog
+from broker.catalog import Catalog, Model
 from broker.chat_request import ChatCompletionRequest
 from broker.circuits import unavailable_targets
-from broker.errors import Conflict, GatewayTimeout, InvalidRequest, ServiceUnavailable
+from broker.errors import (
+    Conflict,
+    GatewayTimeout,
+    InvalidRequest,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from broker.ids import new_id
 from broker.jobstore import (
     DuplicateIdempotencyKey,
@@ -67,6 +73,12 @@ class Principal:
     account_id: str
     api_key_id: str
     wallet_id: str
+    expires_at_s: float | None = None
+    monthly_limit_micro_usd: int | None = None
+    allowed_models: tuple[str, ...] | None = None
+    region_pin: str | None = None
+    # Account's price multiplier in parts per million (1_000_000: catalog prices).
+    price_multiplier_ppm: int = 1_000_000
 
 
 @dataclass
@@ -80,6 +92,10 @@ class Submission:
     stream: bool = False
     idempotency_key: str | None = None
     start: int = field(default=0)
+    # Asynchronous jobs (``submit_async``): no request waits for the reply, and
+    # ``job_fields`` adds columns such as ``webhook_url`` and ``job_metadata``.
+    detached: bool = False
+    job_fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> Target:
@@ -107,25 +123,22 @@ class Intake:
         self.wait_timeout_s = wait_timeout_s
         self.job_timeout_s = job_timeout_s
 
-    def prepare_chat(self, body: dict[str, Any], request: ChatCompletionRequest) -> Submission:
-        """Check a chat request against its model and price its worst case."""
+    def prepare_chat(
+        self, body: dict[str, Any], request: ChatCompletionRequest, principal: Principal
+    ) -> Submission:
+        """Check a chat request against its model and the key, and price its worst case."""
         model = resolve_model(self.catalog, request.model)
         check_output_limit(model, body)
-        body = apply_parameter_policy(model, body)
-        plan = plan_route(self.catalog, model, body)
+        body = apply_key_policy(principal, apply_parameter_policy(model, body))
+        plan = self._plan(model, body, principal)
         # The hold covers the dearest target, because any of them may serve the job.
         hold = max(
-            hold_micro_usd(
-                body,
-                t.model.pricing.input_per_mtok,
-                t.model.pricing.output_per_mtok,
-                t.model.max_output_tokens,
-            )
+            hold_micro_usd(body, t.input_price, t.output_price, t.model.max_output_tokens)
             for t in plan
         )
         return Submission(CHAT_ENDPOINT, plan, body, hold, stream=bool(request.stream))
 
-    def prepare_embeddings(self, body: dict[str, Any]) -> Submission:
+    def prepare_embeddings(self, body: dict[str, Any], principal: Principal) -> Submission:
         """Check an embeddings request and price it: input tokens only."""
         model_id = body.get("model")
         if not isinstance(model_id, str) or not model_id:
@@ -142,10 +155,23 @@ class Intake:
                 "'input' must be a non-empty string or a list of non-empty strings.", param="input"
             )
         model = resolve_model(self.catalog, model_id, category="embedding")
-        plan = plan_route(self.catalog, model, body)
+        body = apply_key_policy(principal, body)
+        plan = self._plan(model, body, principal)
         tokens = sum(len(text.encode("utf-8")) for text in texts)
-        hold = max(token_cost_micro_usd(tokens, 0, t.model.pricing.input_per_mtok, 0) for t in plan)
+        hold = max(token_cost_micro_usd(tokens, 0, t.input_price, 0) for t in plan)
         return Submission(EMBEDDINGS_ENDPOINT, plan, body, hold)
+
+    def _plan(self, model: Model, body: dict[str, Any], principal: Principal) -> list[Target]:
+        plan = plan_route(self.catalog, model, body, price_ppm=principal.price_multiplier_ppm)
+        if principal.allowed_models is not None:
+            plan = [t for t in plan if t.model.id in principal.allowed_models]
+            if not plan:
+                raise PermissionDenied(
+                    f"This API key may not use the model '{model.id}'.",
+                    param="model",
+                    code="model_not_allowed",
+                )
+        return plan
 
     async def run(self, principal: Principal, submission: Submission) -> dict[str, Any]:
         """Run a job and return the worker's final reply message."""
@@ -157,6 +183,28 @@ class Intake:
             return await self._wait(job_id, future)
         finally:
             self.replies.forget(job_id)
+
+    async def submit_async(self, principal: Principal, submission: Submission) -> str:
+        """Create and publish a job that no request waits for; returns its id.
+
+        A repeated Idempotency-Key returns the id of the job that first used it, unless
+        that job had a different request (409).
+        """
+        submission.detached = True
+        job_id = new_id("job")
+        if await self._submit(principal, job_id, submission):
+            return job_id
+        key = submission.idempotency_key
+        job = await find_by_idempotency_key(self.sessions, principal.account_id, key or "")
+        if job is None:
+            raise Conflict("The request with this Idempotency-Key could not be found.")
+        if job.request != submission.body or job.endpoint != submission.endpoint:
+            raise Conflict(
+                "This Idempotency-Key was already used with a different "
+                "request body. Use a new key for a new request.",
+                param="Idempotency-Key",
+            )
+        return job.id
 
     async def stream(
         self, principal: Principal, submission: Submission
@@ -201,7 +249,7 @@ class Intake:
             "lane": target.lane,
             "status": "queued",
             "request": submission.body,
-            "reply_to": self.replies.channel,
+            "reply_to": None if submission.detached else self.replies.channel,
             "idempotency_key": submission.idempotency_key,
             "route": [t.to_spec() for t in submission.plan],
             "dispatch": spec,
@@ -210,14 +258,20 @@ class Intake:
             "deadline_at": deadline,
             "prompt_tokens": 0,
             "completion_tokens": 0,
-            "input_price_micro_usd": target.model.pricing.input_per_mtok,
-            "output_price_micro_usd": target.model.pricing.output_per_mtok,
+            "input_price_micro_usd": target.input_price,
+            "output_price_micro_usd": target.output_price,
+            "cached_input_price_micro_usd": target.cached_input_price,
             "hold_micro_usd": submission.hold,
             "created_at": now,
+            **submission.job_fields,
         }
         try:
             await create_job(
-                self.sessions, wallet_id=principal.wallet_id, hold=submission.hold, values=values
+                self.sessions,
+                wallet_id=principal.wallet_id,
+                hold=submission.hold,
+                values=values,
+                monthly_limit=principal.monthly_limit_micro_usd,
             )
         except DuplicateIdempotencyKey:
             return False
@@ -252,7 +306,7 @@ class Intake:
             "job_id": job_id,
             "endpoint": submission.endpoint,
             "body": submission.body,
-            "reply_to": self.replies.channel,
+            "reply_to": None if submission.detached else self.replies.channel,
             "deadline": deadline,
             "route_index": submission.start,
             "attempt_offset": 0,
@@ -344,3 +398,19 @@ class Intake:
             f"Job {job_id} did not finish within {self.wait_timeout_s:g} s. It keeps "
             "running; its result is stored with the job."
         )
+
+
+def apply_key_policy(principal: Principal, body: dict[str, Any]) -> dict[str, Any]:
+    """Apply the key's region pin: the request may not ask for any other region."""
+    pin = principal.region_pin
+    if pin is None:
+        return body
+    for param in ("region_pin", "region"):
+        asked = body.get(param)
+        if asked is not None and asked != pin:
+            raise PermissionDenied(
+                f"This API key is pinned to region '{pin}'; '{param}' cannot be '{asked}'.",
+                param=param,
+                code="region_pinned",
+            )
+    return {**body, "region_pin": pin}

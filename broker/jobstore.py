@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.errors import InsufficientFunds
-from broker.pricing import token_cost_micro_usd
-from broker.tables import Job, LedgerEntry, Wallet, utcnow
+from broker.pricing import job_cost_micro_usd
+from broker.tables import ApiKey, Job, LedgerEntry, Wallet, utcnow
 
 ACTIVE_STATUSES = ("queued", "running")
 
@@ -24,7 +25,12 @@ def format_usd(micro_usd: int) -> str:
 
 
 async def create_job(
-    sessions: async_sessionmaker[AsyncSession], *, wallet_id: str, hold: int, values: dict[str, Any]
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    wallet_id: str,
+    hold: int,
+    values: dict[str, Any],
+    monthly_limit: int | None = None,
 ) -> None:
     """Hold ``hold`` micro-USD on the wallet and insert the job, in one transaction.
 
@@ -34,6 +40,8 @@ async def create_job(
     now = values["created_at"]
     try:
         async with sessions.begin() as session:
+            if monthly_limit is not None:
+                await _check_monthly_limit(session, values["api_key_id"], monthly_limit, hold, now)
             # The check and the hold are one statement, so concurrent requests cannot
             # together reserve more than the wallet has.
             held = await session.execute(
@@ -71,6 +79,34 @@ async def create_job(
         if values.get("idempotency_key") and "idempotency" in str(exc.orig).lower():
             raise DuplicateIdempotencyKey(values["idempotency_key"]) from exc
         raise
+
+
+async def _check_monthly_limit(
+    session: AsyncSession, key_id: str, limit: int, hold: int, now: datetime
+) -> None:
+    """Refuse a job that could take the key's spending this month past its limit.
+
+    The key's row is locked first, so concurrent requests with the same key are checked
+    one after the other (SQLite serialises writers anyway). Unsettled jobs count at
+    their hold, settled ones at their cost.
+    """
+    await session.execute(select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    spent = (
+        await session.scalar(
+            select(
+                func.coalesce(func.sum(func.coalesce(Job.cost_micro_usd, Job.hold_micro_usd)), 0)
+            ).where(Job.api_key_id == key_id, Job.created_at >= month_start)
+        )
+        or 0
+    )
+    if spent + hold > limit:
+        raise InsufficientFunds(
+            f"This API key's monthly spending limit ({format_usd(limit)}) cannot cover this "
+            f"request: {format_usd(spent)} is spent or held this month and the request may "
+            f"cost {format_usd(hold)}. Raise the key's limit or wait for next month.",
+            code="key_limit_exceeded",
+        )
 
 
 async def abandon_job(
@@ -132,11 +168,13 @@ def final_reply(job: Job) -> dict[str, Any] | None:
         "error": job.error,
     }
     if job.prompt_tokens or job.completion_tokens:
-        message["cost_micro_usd"] = token_cost_micro_usd(
+        message["cost_micro_usd"] = job_cost_micro_usd(
             job.prompt_tokens,
             job.completion_tokens,
             job.input_price_micro_usd,
             job.output_price_micro_usd,
+            job.cached_prompt_tokens,
+            job.cached_input_price_micro_usd,
         )
     return message
 

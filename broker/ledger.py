@@ -14,7 +14,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from broker.ids import new_id
-from broker.pricing import token_cost_micro_usd
+from broker.pricing import job_cost_micro_usd
 from broker.tables import Job, LedgerEntry, Wallet, utcnow
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,63 @@ class LedgerError(Exception):
     """A wallet operation could not be applied."""
 
 
+# Entry kinds that move money in or out of the balance, with the sign they allow.
+CREDIT_KINDS = {"topup": 1, "refund": 1, "adjustment": 0}
+
+
+def credit(
+    session: Session,
+    account_id: str,
+    amount_micro_usd: int,
+    *,
+    kind: str = "topup",
+    idempotency_key: str | None = None,
+    note: str = "",
+    job_id: str | None = None,
+) -> bool:
+    """Add ``amount_micro_usd`` to a wallet's balance with a ledger entry of ``kind``.
+
+    Top-ups and refunds must be positive; an adjustment may be negative but may not
+    take the balance below what is held. Returns False when ``idempotency_key`` was
+    already applied, so a replayed payment or retried command changes nothing.
+    """
+    sign = CREDIT_KINDS.get(kind)
+    if sign is None:
+        raise LedgerError(f"unknown credit kind {kind!r}; use one of {sorted(CREDIT_KINDS)}")
+    if amount_micro_usd == 0 or (sign > 0 and amount_micro_usd < 0):
+        raise LedgerError(f"a {kind} must be positive, got {amount_micro_usd} micro-USD")
+    key = idempotency_key or new_id(kind)
+    if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)):
+        return False
+    guard = Wallet.account_id == account_id
+    if amount_micro_usd < 0:
+        guard = guard & (Wallet.balance_micro_usd - Wallet.held_micro_usd >= -amount_micro_usd)
+    wallet_id = session.scalar(
+        update(Wallet)
+        .where(guard)
+        .values(balance_micro_usd=Wallet.balance_micro_usd + amount_micro_usd, updated_at=utcnow())
+        .returning(Wallet.id)
+    )
+    if wallet_id is None:
+        raise LedgerError(
+            f"account {account_id} has no wallet, or its available balance "
+            f"cannot cover {amount_micro_usd} micro-USD"
+        )
+    session.execute(
+        insert(LedgerEntry).values(
+            wallet_id=wallet_id,
+            kind=kind,
+            amount_micro_usd=amount_micro_usd,
+            held_delta_micro_usd=0,
+            idempotency_key=key,
+            note=note,
+            job_id=job_id,
+            created_at=utcnow(),
+        )
+    )
+    return True
+
+
 def top_up(
     session: Session,
     account_id: str,
@@ -34,32 +91,58 @@ def top_up(
     idempotency_key: str | None = None,
     note: str = "",
 ) -> bool:
-    """Credit a wallet. Returns False when ``idempotency_key`` was already applied."""
-    if amount_micro_usd <= 0:
-        raise LedgerError(f"top-up amount must be positive, got {amount_micro_usd} micro-USD")
-    key = idempotency_key or new_id("topup")
-    if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)):
-        return False
-    wallet_id = session.scalar(
-        update(Wallet)
-        .where(Wallet.account_id == account_id)
-        .values(balance_micro_usd=Wallet.balance_micro_usd + amount_micro_usd, updated_at=utcnow())
-        .returning(Wallet.id)
+    """Credit a wallet with a top-up. Returns False when the key was already applied."""
+    return credit(
+        session,
+        account_id,
+        amount_micro_usd,
+        kind="topup",
+        idempotency_key=idempotency_key,
+        note=note,
     )
-    if wallet_id is None:
-        raise LedgerError(f"account {account_id} has no wallet")
-    session.execute(
-        insert(LedgerEntry).values(
-            wallet_id=wallet_id,
-            kind="topup",
-            amount_micro_usd=amount_micro_usd,
-            held_delta_micro_usd=0,
-            idempotency_key=key,
-            note=note,
-            created_at=utcnow(),
+
+
+def refund_job(
+    session: Session, job_id: str, amount_micro_usd: int | None = None, note: str = ""
+) -> int:
+    """Refund part or all of a settled job's charge; returns the amount refunded.
+
+    The refunds of a job never add up to more than its charge.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.settled_at is None:
+        raise LedgerError(f"job {job_id} not found or not settled yet")
+    refunded = (
+        session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount_micro_usd), 0)).where(
+                LedgerEntry.job_id == job_id, LedgerEntry.kind == "refund"
+            )
         )
+        or 0
     )
-    return True
+    refundable = (job.cost_micro_usd or 0) - refunded
+    amount = refundable if amount_micro_usd is None else amount_micro_usd
+    if amount <= 0 or amount > refundable:
+        raise LedgerError(
+            f"job {job_id} has {refundable} micro-USD left to refund; "
+            f"{amount} micro-USD cannot be refunded"
+        )
+    number = (
+        session.scalar(
+            select(func.count()).where(LedgerEntry.job_id == job_id, LedgerEntry.kind == "refund")
+        )
+        or 0
+    )
+    credit(
+        session,
+        job.account_id,
+        amount,
+        kind="refund",
+        job_id=job_id,
+        note=note,
+        idempotency_key=f"refund:{job_id}:{number + 1}",
+    )
+    return amount
 
 
 @dataclass(frozen=True)
@@ -89,6 +172,8 @@ def settle_job(session: Session, job_id: str) -> Settlement | None:
             Job.input_price_micro_usd,
             Job.output_price_micro_usd,
             Job.hold_micro_usd,
+            Job.cached_prompt_tokens,
+            Job.cached_input_price_micro_usd,
         )
     ).one_or_none()
     if row is None:
@@ -98,12 +183,25 @@ def settle_job(session: Session, job_id: str) -> Settlement | None:
     # left early is billed for the tokens the provider counted before it stopped.
     cost = 0
     if row.prompt_tokens or row.completion_tokens:
-        cost = token_cost_micro_usd(
+        cost = job_cost_micro_usd(
             row.prompt_tokens,
             row.completion_tokens,
             row.input_price_micro_usd,
             row.output_price_micro_usd,
+            row.cached_prompt_tokens,
+            row.cached_input_price_micro_usd,
         )
+    # The hold is the most the client agreed to pay, and charging more could take the
+    # balance below zero; a provider that counts more tokens than the bound is the
+    # broker's loss, logged for the operator.
+    if cost > row.hold_micro_usd:
+        logger.warning(
+            "job %s cost %d micro-USD, above its hold of %d; charging the hold",
+            job_id,
+            cost,
+            row.hold_micro_usd,
+        )
+        cost = row.hold_micro_usd
     session.execute(update(Job).where(Job.id == job_id).values(cost_micro_usd=cost))
     wallet_id = session.scalar(
         update(Wallet)
@@ -174,3 +272,11 @@ def check_wallet(session: Session, wallet_id: str) -> WalletCheck:
     return WalletCheck(
         wallet_id, wallet.balance_micro_usd, int(sums[0]), wallet.held_micro_usd, int(sums[1])
     )
+
+
+def check_all_wallets(session: Session) -> list[WalletCheck]:
+    """Check every wallet against its ledger, in id order."""
+    return [
+        check_wallet(session, wallet_id)
+        for wallet_id in session.scalars(select(Wallet.id).order_by(Wallet.id))
+    ]

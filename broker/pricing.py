@@ -29,6 +29,33 @@ def token_cost_micro_usd(
     return -(-exact // TOKENS_PER_PRICE_UNIT)
 
 
+def job_cost_micro_usd(
+    prompt_tokens: int,
+    completion_tokens: int,
+    input_price: int,
+    output_price: int,
+    cached_tokens: int = 0,
+    cached_price: int | None = None,
+) -> int:
+    """Return a job's cost: cached prompt tokens at the cached price, the rest as usual.
+
+    ``cached_tokens`` are part of ``prompt_tokens``, as providers report them.
+    """
+    cached = min(max(cached_tokens, 0), prompt_tokens)
+    price = input_price if cached_price is None else cached_price
+    exact = (
+        (prompt_tokens - cached) * input_price + cached * price + completion_tokens * output_price
+    )
+    return -(-exact // TOKENS_PER_PRICE_UNIT)
+
+
+def cached_prompt_tokens(response: dict[str, Any] | None) -> int:
+    """Read the prompt tokens a provider served from its cache from an OpenAI usage."""
+    usage = (response or {}).get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
 def _content_tokens_upper_bound(content: Any) -> int:
     if content is None:
         return 0

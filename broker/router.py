@@ -9,6 +9,8 @@ from broker.catalog import Catalog, Model, queue_name
 from broker.errors import InvalidRequest, NotFound
 from workers.adapters import adapter_for
 
+# Parts per million: the unit of price multipliers.
+PPM = 1_000_000
 # Body field that asks to drop parameters the provider cannot honour instead of a 400.
 DROP_PARAMS_FIELD = "drop_params"
 # Body fields that steer routing and never reach a provider.
@@ -22,6 +24,26 @@ class Target:
     model: Model
     region: str
     lane: str
+    # Multiplier on the catalog prices, in parts per million: the account's markup or
+    # discount, times the batch discount on the batch lane.
+    price_ppm: int = PPM
+
+    def _price(self, catalog_price: int) -> int:
+        return -(-catalog_price * self.price_ppm // PPM)
+
+    @property
+    def input_price(self) -> int:
+        """Micro-dollars per million input tokens that this target's jobs are charged."""
+        return self._price(self.model.pricing.input_per_mtok)
+
+    @property
+    def output_price(self) -> int:
+        return self._price(self.model.pricing.output_per_mtok)
+
+    @property
+    def cached_input_price(self) -> int:
+        cached = self.model.pricing.cached_input_per_mtok
+        return self.input_price if cached is None else self._price(cached)
 
     @property
     def queue(self) -> str:
@@ -40,8 +62,9 @@ class Target:
             "lane": self.lane,
             "upstream_model": self.model.upstream_model,
             "wire_format": self.model.wire_format,
-            "input_price": self.model.pricing.input_per_mtok,
-            "output_price": self.model.pricing.output_per_mtok,
+            "input_price": self.input_price,
+            "output_price": self.output_price,
+            "cached_input_price": self.cached_input_price,
         }
 
 
@@ -85,7 +108,11 @@ def _fallback_models(body: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def plan_route(
-    catalog: Catalog, model: Model, body: dict[str, Any], lane: str = "interactive"
+    catalog: Catalog,
+    model: Model,
+    body: dict[str, Any],
+    lane: str = "interactive",
+    price_ppm: int = 1_000_000,
 ) -> list[Target]:
     """Return the targets to try in order: the model's regions, then the fallback models.
 
@@ -115,7 +142,7 @@ def plan_route(
         for region in regions:
             if pinned and region != pinned:
                 continue
-            target = Target(candidate, region, lane)
+            target = Target(candidate, region, lane, price_ppm)
             if target not in plan:
                 plan.append(target)
     return plan

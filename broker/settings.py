@@ -40,7 +40,10 @@ class Settings(BaseSettings):
     base_url_overrides: dict[str, str] = Field(default_factory=dict)
     # Provider id -> upstream API key. A provider without a key is called without one.
     provider_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # Bearer token of the /admin API; without one the admin API is off.
     admin_token: SecretStr | None = None
+    # Signing secret of the Stripe webhook endpoint (whsec_...); without one it is off.
+    stripe_webhook_secret: SecretStr | None = None
 
     # Greenlets per region worker process: each holds one upstream call in flight.
     worker_concurrency: int = 500
@@ -63,6 +66,38 @@ class Settings(BaseSettings):
     max_request_bytes: int = 8 * 1024 * 1024
     # Seconds an authenticated API key stays cached in an API process.
     key_cache_ttl_s: float = 2.0
+
+    # Asynchronous jobs, files and batches.
+    # Days a finished job is kept; older settled jobs and their attempts are deleted.
+    job_retention_days: int = 30
+    # Folder holding uploaded and generated files; the API and the billing worker
+    # (which runs the batch tasks) must see the same folder.
+    file_store_path: Path = Path("var/files")
+    # Largest file upload, in bytes (OpenAI's batch input limit is 200 MB).
+    max_upload_bytes: int = 200 * 1024 * 1024
+    # Most requests one batch input file may hold.
+    batch_max_requests: int = 100_000
+    # Discount on batch jobs' prices in parts per million: 500_000 halves them.
+    batch_discount_ppm: int = 500_000
+    # Input lines turned into jobs per database transaction.
+    batch_chunk_size: int = 250
+    # Jobs of one batch published to the queues at once; the rest wait in the database
+    # until earlier ones settle, so a large batch neither floods Redis nor delays others.
+    batch_max_in_flight: int = 500
+
+    # Webhooks.
+    # Deliver to private and loopback addresses (for local demos and tests only);
+    # cloud metadata addresses stay rejected even then.
+    webhook_allow_private: bool = False
+    # Seconds one delivery attempt may take, connection included.
+    webhook_timeout_s: float = 10.0
+    # Retry delays grow from the base, doubling per attempt up to the maximum, with
+    # jitter; a delivery gives up once the window since the event has passed.
+    webhook_retry_base_s: float = 5.0
+    webhook_retry_max_delay_s: float = 3600.0
+    webhook_retry_window_s: float = 24 * 3600.0
+    # Seconds between scans for due webhook retries, overdue batches and old jobs.
+    async_pass_interval_s: float = 1.0
 
     # Processes uvicorn runs for the API.
     api_workers: int = 1

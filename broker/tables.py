@@ -48,8 +48,9 @@ class Account(Base):
     name: Mapped[str] = mapped_column(String(200))
     # Price multiplier in parts per million: 1_050_000 is a 5 % markup, 950_000 a 5 %
     # discount on the catalog prices.
-    price_multiplier_ppm: Mapped[int] = mapped_column(BigInteger, default=1_000_000,
-                                                      server_default="1000000")
+    price_multiplier_ppm: Mapped[int] = mapped_column(
+        BigInteger, default=1_000_000, server_default="1000000"
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -161,6 +162,8 @@ class Job(Base):
         Index("ix_jobs_account_created", "account_id", "created_at"),
         Index("ix_jobs_status", "status"),
         Index("ux_jobs_account_idempotency", "account_id", "idempotency_key", unique=True),
+        # A batch's unpublished and in-flight jobs (see broker/batches.py).
+        Index("ix_jobs_batch_dispatch", "batch_id", "status", "dispatched_at"),
     )
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import psycopg
 import pytest
@@ -31,6 +32,9 @@ from broker.processes import ProcessGroup, free_port
 from broker.settings import Settings
 from broker.system import SystemPorts, start_system
 
+# Operator credentials the test systems run with.
+ADMIN_TOKEN = "test-admin-token"
+STRIPE_WEBHOOK_SECRET = "whsec_test_secret"
 # Server the PostgreSQL tests create their databases on; override for another server.
 PG_ADMIN_URL = os.environ.get("BROKER_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
@@ -134,6 +138,16 @@ class Stack:
         port = self.ports.simulator_us if region == "us" else self.ports.simulator_hk
         return f"http://127.0.0.1:{port}"
 
+    def admin(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """Call the admin API with the operator's token."""
+        return httpx.request(
+            method,
+            f"http://127.0.0.1:{self.ports.api}/admin{path}",
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=30,
+            **kwargs,
+        )
+
     def new_account(self, balance_micro_usd: int = 5_000_000) -> Account:
         with self.sessions.begin() as session:
             account, wallet = create_account(session, "test")
@@ -166,7 +180,16 @@ def running_stack(
     upgrade(database_url)
     settings = Settings(database_url=database_url, redis_url=redis_url)
     ports = SystemPorts(api=free_port(), simulator_us=free_port(), simulator_hk=free_port())
-    group = ProcessGroup(log_dir=tmp_path / "logs", env={"BROKER_LOG_LEVEL": "INFO", **(env or {})})
+    group = ProcessGroup(
+        log_dir=tmp_path / "logs",
+        env={
+            "BROKER_LOG_LEVEL": "INFO",
+            "BROKER_ADMIN_TOKEN": ADMIN_TOKEN,
+            "BROKER_STRIPE_WEBHOOK_SECRET": STRIPE_WEBHOOK_SECRET,
+            "BROKER_FILE_STORE_PATH": str(tmp_path / "files"),
+            **(env or {}),
+        },
+    )
     engine = make_engine(database_url, pool_size=2)
     client = redis.Redis.from_url(redis_url)
     try:

@@ -229,8 +229,9 @@ def test_rate_limit_storm_honours_retry_after(fault_stack: Stack, simulators: ca
     simulators("us", fault_rate_429=0.5, retry_after_s=1)
     account = fault_stack.new_account()
     # The SDK resends a request whose job ran out of attempts, as a client would.
-    client = openai.OpenAI(base_url=fault_stack.api_url, api_key=account.api_key,
-                           max_retries=5, timeout=60)
+    client = openai.OpenAI(
+        base_url=fault_stack.api_url, api_key=account.api_key, max_retries=5, timeout=60
+    )
     fault_stack.clients.append(client)
     job_ids = []
     for number in range(8):

@@ -18,8 +18,12 @@ BATCHES_QUEUE = "batches"
 # the longest job (the synchronous wait limit), or a slow job would run twice.
 VISIBILITY_TIMEOUT_S = 2 * 3600
 # Reconnection attempts when publishing, at most about one second in all.
-PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.25,
-                        "interval_max": 0.5}
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0,
+    "interval_step": 0.25,
+    "interval_max": 0.5,
+}
 
 
 def make_celery() -> Celery:
@@ -62,6 +66,8 @@ def publish_job(app: Celery, spec: dict[str, Any], queue: str) -> None:
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
         kwargsrepr=(
-            f"{{job_id: {spec['job_id']}, model: {spec['model']}, region: {spec['region']}}}"
+            f"{{job_id: {spec['job_id']}, model: {spec['model']}, region: {spec['region']}"
+            + (f", batch_id: {spec['batch_id']}" if spec.get("batch_id") else "")
+            + "}"
         ),
     )

@@ -11,6 +11,7 @@ from sqlalchemy import insert, update
 
 from broker.catalog import queue_name
 from broker.circuits import CircuitBreaker
+from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
 from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app, publish_job
 from workers.calls import Outcome, call_target
@@ -18,6 +19,7 @@ from workers.context import WorkerContext, get_context
 from workers.heartbeat import holder_alive, worker_identity
 from workers.markers import DONE_TTL_S, done_key, lease_key, queued_key
 from workers.replies import send_final_reply
+from workers.streaming import cancel_key
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -
             response=outcome.result.body,
             prompt_tokens=outcome.result.prompt_tokens,
             completion_tokens=outcome.result.completion_tokens,
+            cached_prompt_tokens=cached_prompt_tokens(outcome.result.body),
+            cached_input_price_micro_usd=spec.get("cached_input_price"),
         )
     if outcome.error is not None:
         values["error"] = outcome.error.to_job_error()
@@ -115,6 +119,10 @@ def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -
 def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
     """Record a final outcome, then hand it back and ask billing to settle."""
     job_id = spec["job_id"]
+    # A job no request waits for (POST /v1/jobs, batches) may be cancelled through the
+    # jobs API while it runs: it ends cancelled, charged for the usage it had.
+    if spec.get("reply_to") is None and ctx.redis.exists(cancel_key(job_id)):
+        outcome.cancelled = True
     if not record_outcome(ctx, spec, outcome):
         logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
         return

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import redis
 
-from broker.pricing import token_cost_micro_usd
+from broker.pricing import cached_prompt_tokens, job_cost_micro_usd
 
 # Seconds a reply list lives in Redis when no API process reads it.
 REPLY_TTL_S = 300
@@ -29,11 +29,13 @@ def send_final_reply(client: redis.Redis, spec: dict[str, Any], outcome: Any) ->
     if outcome.result is not None:
         if not spec["body"].get("stream"):
             message["response"] = outcome.result.body
-        message["cost_micro_usd"] = token_cost_micro_usd(
+        message["cost_micro_usd"] = job_cost_micro_usd(
             outcome.result.prompt_tokens,
             outcome.result.completion_tokens,
             spec["input_price"],
             spec["output_price"],
+            cached_prompt_tokens(outcome.result.body),
+            spec.get("cached_input_price"),
         )
     if outcome.error is not None:
         message["error"] = outcome.error.to_job_error()

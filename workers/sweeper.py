@@ -85,8 +85,11 @@ def _message_lost(ctx: WorkerContext, job: Job) -> bool:
     # is empty, which happens when a worker died between taking the message and
     # recording the lease.
     spec = job.dispatch or {}
-    queue = queue_name(spec.get("provider", job.provider), spec.get("region", job.region),
-                       spec.get("lane", job.lane))
+    queue = queue_name(
+        spec.get("provider", job.provider),
+        spec.get("region", job.region),
+        spec.get("lane", job.lane),
+    )
     return ctx.redis.llen(queue) == 0
 
 
@@ -117,8 +120,13 @@ def sweep(ctx: WorkerContext) -> SweepReport:
     report = SweepReport()
     now = utcnow()
     with ctx.sessions() as session:
+        # A batch's unpublished jobs (no dispatched_at) wait in the database for their
+        # batch's window (workers.batch_jobs); the batch expires them itself.
         active = session.scalars(
-            select(Job).where(Job.status.in_(ACTIVE_STATUSES)).order_by(Job.created_at).limit(BATCH)
+            select(Job)
+            .where(Job.status.in_(ACTIVE_STATUSES), Job.dispatched_at.is_not(None))
+            .order_by(Job.created_at)
+            .limit(BATCH)
         ).all()
         unsettled = session.scalars(
             select(Job.id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,9 +12,20 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
-from broker.api import catalog_routes, chat, wallet
+from broker.api import (
+    admin,
+    batches,
+    billing,
+    catalog_routes,
+    chat,
+    files,
+    jobs,
+    payments,
+    webhooks,
+)
 from broker.api.auth import KeyAuthenticator
 from broker.api.services import Services, services
 from broker.catalog import load_catalog
@@ -63,12 +75,14 @@ def _build_services(settings: Settings) -> Services:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: Services = app.state.services
     await state.replies.start()
+    key_changes = asyncio.create_task(state.auth.follow_key_changes(state.replies.redis))
     logger.info(
         "API ready: %d models, reply list %s", len(state.catalog.models), state.replies.channel
     )
     try:
         yield
     finally:
+        key_changes.cancel()
         await state.replies.stop()
         await state.engine.dispose()
 
@@ -97,7 +111,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return ORJSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(DBAPIError)
-    async def database_error(request: Request, exc: DBAPIError) -> ORJSONResponse:
+    @app.exception_handler(PoolTimeout)
+    async def database_error(request: Request, exc: Exception) -> ORJSONResponse:
         # The transaction that failed wrote nothing, so no hold or job exists for it.
         logger.warning(
             "database error on %s %s: %s",
@@ -148,7 +163,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(catalog_routes.router)
-    app.include_router(wallet.router)
+    app.include_router(billing.router)
+    app.include_router(admin.router)
+    app.include_router(payments.router)
+    # Asynchronous work: jobs, files, batches and webhooks.
+    for module in (jobs, files, batches, webhooks):
+        app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

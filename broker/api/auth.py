@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from broker.accounts import KEY_CHANGES_CHANNEL
 from broker.errors import AuthenticationFailed
 from broker.intake import Principal
 from broker.keys import KEY_PREFIX, hash_key
-from broker.tables import ApiKey, Wallet, as_utc, utcnow
+from broker.tables import Account, ApiKey, Wallet, as_utc, utcnow
+
+logger = logging.getLogger(__name__)
 
 # Entries kept at most; the cache is cleared when full rather than tracked per entry.
 MAX_CACHED_KEYS = 10_000
@@ -46,7 +53,10 @@ class KeyAuthenticator:
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
-            return cached[0]
+            principal = cached[0]
+            if principal.expires_at_s is not None and principal.expires_at_s <= time.time():
+                raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+            return principal
 
         principal = await self._lookup(key, digest)
         if len(self._cache) >= MAX_CACHED_KEYS:
@@ -66,9 +76,14 @@ class KeyAuthenticator:
                         ApiKey.account_id,
                         ApiKey.revoked_at,
                         ApiKey.expires_at,
+                        ApiKey.monthly_limit_micro_usd,
+                        ApiKey.allowed_models,
+                        ApiKey.region_pin,
+                        Account.price_multiplier_ppm,
                         Wallet.id.label("wallet_id"),
                     )
                     .join(Wallet, Wallet.account_id == ApiKey.account_id)
+                    .join(Account, Account.id == ApiKey.account_id)
                     .where(ApiKey.key_hash == digest)
                 )
             ).one_or_none()
@@ -78,4 +93,35 @@ class KeyAuthenticator:
             raise AuthenticationFailed("This API key has been revoked.", code="revoked_api_key")
         if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-        return Principal(account_id=row.account_id, api_key_id=row.id, wallet_id=row.wallet_id)
+        return Principal(
+            account_id=row.account_id,
+            api_key_id=row.id,
+            wallet_id=row.wallet_id,
+            expires_at_s=as_utc(row.expires_at).timestamp() if row.expires_at else None,
+            monthly_limit_micro_usd=row.monthly_limit_micro_usd,
+            allowed_models=tuple(row.allowed_models) if row.allowed_models else None,
+            region_pin=row.region_pin,
+            price_multiplier_ppm=row.price_multiplier_ppm,
+        )
+
+    def forget(self, digest: str) -> None:
+        self._cache.pop(digest, None)
+
+    async def follow_key_changes(self, redis: aioredis.Redis) -> None:
+        """Drop a cached key as soon as any process announces it changed (revoked,
+        rotated, limits edited). Runs until cancelled."""
+        while True:
+            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(KEY_CHANGES_CHANNEL)
+                async for message in pubsub.listen():
+                    self.forget(message["data"].decode())
+            except RedisError as exc:
+                logger.warning(
+                    "cannot follow API key changes: %s; cached keys expire in %g s",
+                    exc,
+                    self.cache_ttl_s,
+                )
+                await asyncio.sleep(1)
+            finally:
+                await pubsub.aclose()

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from broker.api.services import services
+from broker.api.services import Caller, services
 from broker.catalog import Model
 from broker.errors import NotFound
 from broker.jsonresponse import ORJSONResponse
@@ -34,7 +34,7 @@ def _describe(model: Model) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> ORJSONResponse:
+async def list_models(request: Request, _: Caller) -> ORJSONResponse:
     catalog = services(request).catalog
     return ORJSONResponse(
         {"object": "list", "data": [_describe(m) for m in catalog.models.values()]}
@@ -42,7 +42,7 @@ async def list_models(request: Request) -> ORJSONResponse:
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, request: Request) -> ORJSONResponse:
+async def retrieve_model(model_id: str, request: Request, _: Caller) -> ORJSONResponse:
     model = services(request).catalog.get(model_id)
     if model is None:
         raise NotFound(

@@ -62,7 +62,7 @@ async def create_chat_completion(request: Request, caller: Caller) -> Response:
     body = await _read_body(request)
     chat = validate_chat_request(body)
     intake = services(request).intake
-    submission = intake.prepare_chat(body, chat)
+    submission = intake.prepare_chat(body, chat, caller)
     submission.idempotency_key = _idempotency_key(request)
     if not submission.stream:
         return _final_response(await intake.run(caller, submission))
@@ -107,6 +107,6 @@ async def _sse(
 async def create_embeddings(request: Request, caller: Caller) -> Response:
     body = await _read_body(request)
     intake = services(request).intake
-    submission = intake.prepare_embeddings(body)
+    submission = intake.prepare_embeddings(body, caller)
     submission.idempotency_key = _idempotency_key(request)
     return _final_response(await intake.run(caller, submission))
