@@ -15,17 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
-from broker.api import (
-    admin,
-    batches,
-    billing,
-    catalog_routes,
-    chat,
-    files,
-    jobs,
-    payments,
-    webhooks,
-)
+from broker.api import admin, billing, catalog_routes, chat, payments
 from broker.api.auth import KeyAuthenticator
 from broker.api.services import Services, services
 from broker.catalog import load_catalog
@@ -166,9 +156,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(billing.router)
     app.include_router(admin.router)
     app.include_router(payments.router)
-    # Asynchronous work: jobs, files, batches and webhooks.
-    for module in (jobs, files, batches, webhooks):
-        app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
