@@ -21,3 +21,12 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check broker workers simulator tests bench
+
+# Full benchmark (three rounds) and a quick one (one round of short runs); both write
+# bench/RESULTS.md. Most of their time goes into waiting for the billing worker to
+# settle every job. See bench/run.py --help for the LiteLLM reference and profiling.
+bench: venv
+	$(BIN)/python bench/run.py
+
+bench-quick: venv
+	$(BIN)/python bench/run.py --quick
