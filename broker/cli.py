@@ -24,6 +24,9 @@ billing_app = typer.Typer(help="Check and correct the ledger.", no_args_is_help=
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(billing_app, name="billing")
 
+# Messages each billing greenlet may hold before it runs them.
+BILLING_PREFETCH_MULTIPLIER = 64
+
 console = Console()
 errors = Console(stderr=True)
 
@@ -153,6 +156,12 @@ def billing_worker(
             str(concurrency or settings.billing_concurrency),
             "-Q",
             ",".join((BILLING_QUEUE, BATCHES_QUEUE, WEBHOOKS_QUEUE)),
+            # Settle tasks take milliseconds. With kombu's Redis transport a worker whose
+            # prefetched messages are all taken pauses fetching for up to a second, so
+            # a prefetch of one per greenlet would cap billing near 16 settlements a
+            # second; settling is idempotent, so a deep prefetch is safe.
+            "--prefetch-multiplier",
+            str(BILLING_PREFETCH_MULTIPLIER),
             "-n",
             "billing@%h",
             "-E",

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from broker.accounts import create_account, create_api_key
 from broker.db import make_engine, session_factory
+from broker.demo_batch import run_batch_demo
 from broker.ledger import check_wallet, top_up
 from broker.migrate import upgrade
 from broker.preflight import ServiceDown, check_database, check_redis
@@ -253,6 +254,21 @@ def _run_workload(
     elapsed_s = time.perf_counter() - started
     unsettled = wait_settled(settings, account.id, SETTLE_TIMEOUT_S)
 
+    console.print(summary_table(outcomes))
+    failed = [o for o in outcomes if not o.ok]
+    for outcome in failed[:10]:
+        console.print(f"[red]failed[/] {outcome.custom_id} ({outcome.model}): {outcome.error}")
+    reported = sum(o.cost_micro_usd for o in outcomes)
+    console.print(
+        f"{len(outcomes)} requests in {elapsed_s:.1f} s "
+        f"({len(outcomes) / elapsed_s:.1f} per second)"
+    )
+
+    # The asynchronous part: a batch through the Files and Batch APIs, with a webhook.
+    batch = run_batch_demo(console, f"http://127.0.0.1:{ports.api}/v1", api_key, sessions)
+    reported += batch.cost_micro_usd
+    unsettled = wait_settled(settings, account.id, SETTLE_TIMEOUT_S)
+
     with sessions() as session:
         check = check_wallet(session, wallet.id)
         charged = -(
@@ -264,15 +280,6 @@ def _run_workload(
             or 0
         )
 
-    console.print(summary_table(outcomes))
-    failed = [o for o in outcomes if not o.ok]
-    for outcome in failed[:10]:
-        console.print(f"[red]failed[/] {outcome.custom_id} ({outcome.model}): {outcome.error}")
-    reported = sum(o.cost_micro_usd for o in outcomes)
-    console.print(
-        f"{len(outcomes)} requests in {elapsed_s:.1f} s "
-        f"({len(outcomes) / elapsed_s:.1f} per second)"
-    )
     console.print(
         f"wallet before {_usd(DEMO_BALANCE_MICRO_USD)}, after "
         f"{_usd(check.balance_micro_usd)}, held {_usd(check.held_micro_usd)}"
@@ -280,11 +287,12 @@ def _run_workload(
     console.print(
         f"ledger: balance {_usd(check.balance_micro_usd)} = sum of entries "
         f"{_usd(check.ledger_balance_micro_usd)}: {'ok' if check.ok else 'MISMATCH'}; "
-        f"charged {_usd(charged)}, responses reported {_usd(reported)}: "
+        f"charged {_usd(charged)}, responses and batch reported {_usd(reported)}: "
         f"{'ok' if charged == reported else 'MISMATCH'}"
     )
     ok = (
         not failed
+        and batch.ok
         and unsettled == 0
         and check.ok
         and check.held_micro_usd == 0

@@ -75,24 +75,26 @@ class Settings(BaseSettings):
     file_store_path: Path = Path("var/files")
     # Largest file upload, in bytes (OpenAI's batch input limit is 200 MB).
     max_upload_bytes: int = 200 * 1024 * 1024
-    # Most requests one batch input file may hold.
+    # Maximum number of requests in one batch input file.
     batch_max_requests: int = 100_000
     # Discount on batch jobs' prices in parts per million: 500_000 halves them.
     batch_discount_ppm: int = 500_000
     # Input lines turned into jobs per database transaction.
     batch_chunk_size: int = 250
-    # Jobs of one batch published to the queues at once; the rest wait in the database
+    # Jobs of one batch published to the queues at once. The rest wait in the database
     # until earlier ones settle, so a large batch neither floods Redis nor delays others.
-    batch_max_in_flight: int = 500
+    # NOTE: the sweeper examines the 500 oldest published jobs per run, so a few large
+    # batches in flight can keep it from reaching newer interactive jobs.
+    batch_max_in_flight: int = 200
 
     # Webhooks.
     # Deliver to private and loopback addresses (for local demos and tests only);
     # cloud metadata addresses stay rejected even then.
     webhook_allow_private: bool = False
-    # Seconds one delivery attempt may take, connection included.
+    # Seconds each step of a delivery attempt (connect, send, read the response) may take.
     webhook_timeout_s: float = 10.0
-    # Retry delays grow from the base, doubling per attempt up to the maximum, with
-    # jitter; a delivery gives up once the window since the event has passed.
+    # Retry delays double per attempt from the base up to the maximum, with jitter. A
+    # delivery gives up once the window since the event has passed.
     webhook_retry_base_s: float = 5.0
     webhook_retry_max_delay_s: float = 3600.0
     webhook_retry_window_s: float = 24 * 3600.0
@@ -103,6 +105,21 @@ class Settings(BaseSettings):
     api_workers: int = 1
     # Region a worker process serves; set by ``broker worker --region``.
     worker_region: str | None = None
+
+    # Per-key limits, requests and worst-case tokens per minute; None turns one off.
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+    # Per provider-region caps the workers respect, e.g.
+    # {"openai.us": {"max_concurrency": 200, "rps": 50}}; keys as in base_url_overrides.
+    provider_limits: dict[str, dict[str, int]] = Field(default_factory=dict)
+    # Seconds a cached response is kept; requests opt in with "x-broker-cache: true".
+    response_cache_ttl_s: float = 3600.0
+    # Also cache requests with temperature 0 and one choice, without an opt-in.
+    response_cache_temperature_zero: bool = True
+    # "text" or "json": one JSON object per log line, with request, job and account ids.
+    log_format: str = "text"
+    # Port on which each worker process serves /metrics; None turns it off.
+    worker_metrics_port: int | None = None
 
     log_level: str = "INFO"
 

@@ -41,6 +41,8 @@ def simulator_environment(settings: Settings, ports: SystemPorts) -> dict[str, s
         "BROKER_REDIS_URL": settings.redis_url,
         "BROKER_BASE_URL_OVERRIDES": json.dumps(overrides),
         "BROKER_PROVIDER_KEYS": json.dumps(keys),
+        # Demo and test webhook receivers listen on loopback.
+        "BROKER_WEBHOOK_ALLOW_PRIVATE": "true",
     }
 
 

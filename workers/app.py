@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
@@ -60,7 +61,8 @@ def publish_job(app: Celery, spec: dict[str, Any], queue: str) -> None:
     """
     app.send_task(
         RUN_JOB_TASK,
-        kwargs=spec,
+        # The publish time lets the worker measure how long the job waited in the queue.
+        kwargs={**spec, "published_at": time.time()},
         queue=queue,
         # A connection broken by a Redis restart is replaced on the first retry.
         retry=True,

@@ -7,6 +7,7 @@ import logging
 from broker.ledger import settle_job as settle_in_session
 from workers.app import SETTLE_JOB_TASK, celery_app
 from workers.context import get_context
+from workers.job_events import on_job_settled
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,9 @@ def settle_job(job_id: str) -> None:
     ctx = get_context()
     with ctx.sessions.begin() as session:
         settlement = settle_in_session(session, job_id)
-    if settlement is None:
+        # Batch progress and webhook events change in the settlement's transaction.
+        after = on_job_settled(session, job_id, ctx.settings) if settlement else None
+    if settlement is None or after is None:
         logger.info("job %s is already settled or not finished; nothing to do", job_id)
         return
     logger.info(
@@ -26,3 +29,4 @@ def settle_job(job_id: str) -> None:
         settlement.cost_micro_usd,
         settlement.released_micro_usd,
     )
+    after.send(ctx)

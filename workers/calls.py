@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.circuits import CircuitBreaker, target_name
+from broker.metrics import count_retry, observe_upstream
 from broker.tables import utcnow
 from workers.adapters import adapter_for
 from workers.adapters.base import (
     CircuitOpen,
     DeadlineExceeded,
+    ProviderBusy,
     UpstreamError,
     UpstreamResult,
 )
@@ -23,6 +25,8 @@ from workers.streaming import relay_stream
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+# Seconds an attempt waits for a free slot under the provider region's caps.
+GATE_WAIT_S = 30.0
 
 
 @dataclass
@@ -118,12 +122,21 @@ def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
                 f"The circuit for {circuit} is open after repeated failures."
             )
             return outcome
+        slot = ctx.gate.acquire_wait(circuit, min(remaining_s, GATE_WAIT_S))
         try:
+            if slot is None:
+                raise ProviderBusy(
+                    f"{circuit} stayed at its concurrency or rate cap for {GATE_WAIT_S:g} s."
+                )
             result = _call_once(
                 ctx, spec, outcome, min(ctx.settings.upstream_timeout_s, remaining_s)
             )
         except UpstreamError as exc:
             error = exc
+        finally:
+            if slot is not None:
+                ctx.gate.release(slot)
+        observe_upstream(spec["provider"], spec["region"], time.monotonic() - started)
         outcome.attempts.append(_attempt_row(spec, attempt, started, started_at, result, error))
 
         if error is None:
@@ -154,4 +167,5 @@ def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
             error.status_code or type(error).__name__,
             delay_s,
         )
+        count_retry(spec["provider"], spec["region"])
         time.sleep(delay_s)

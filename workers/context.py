@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from broker.catalog import Catalog, load_catalog
 from broker.db import make_engine, session_factory
+from broker.ratelimit import ProviderGate, parse_provider_limits
 from broker.settings import Settings, get_settings
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
@@ -24,6 +25,7 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     http: httpx.Client
+    gate: ProviderGate
 
     def provider_key(self, provider_id: str) -> str | None:
         secret = self.settings.provider_keys.get(provider_id)
@@ -39,6 +41,11 @@ def get_context() -> WorkerContext:
         timeout=httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
         limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
     )
+    client = redis.Redis.from_url(settings.redis_url)
+    # A slot outlives the longest job, so only a crashed worker's slots time out.
+    gate = ProviderGate(
+        client, parse_provider_limits(settings.provider_limits), lease_s=settings.job_timeout_s + 60
+    )
     return WorkerContext(
         settings=settings,
         catalog=load_catalog(settings.catalog_path, settings.base_url_overrides),
@@ -49,6 +56,7 @@ def get_context() -> WorkerContext:
                 max_overflow=settings.db_max_overflow,
             )
         ),
-        redis=redis.Redis.from_url(settings.redis_url),
+        redis=client,
         http=http,
+        gate=gate,
     )

@@ -8,9 +8,12 @@ from typing import Any
 
 from celery import Task
 from sqlalchemy import insert, update
+from sqlalchemy.exc import OperationalError
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from broker.catalog import queue_name
 from broker.circuits import CircuitBreaker
+from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
 from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app, publish_job
@@ -68,6 +71,7 @@ def hand_over(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, index:
         session.execute(insert(Attempt), _attempt_rows(job_id, outcome))
     ctx.redis.set(queued_key(job_id), b"1", ex=int(max(60, spec["deadline"] - time.time())))
     publish_job(celery_app, nxt, queue_name(nxt["provider"], nxt["region"], nxt["lane"]))
+    count_failover(f"{spec['provider']}.{spec['region']}", f"{nxt['provider']}.{nxt['region']}")
     logger.info(
         "job %s failed over from %s.%s to %s.%s (%s): %s",
         job_id,
@@ -81,6 +85,17 @@ def hand_over(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, index:
     return True
 
 
+# A database that is briefly unreachable or out of connections should not leave a
+# finished job unrecorded (and its upstream call to be made again by the sweeper).
+_db_retry = retry(
+    retry=retry_if_exception_type(OperationalError),
+    reraise=True,
+    stop=stop_after_attempt(4),
+    wait=wait_random_exponential(0.2, max=2),
+)
+
+
+@_db_retry
 def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
     """Store the outcome unless the job is already final (a repeated delivery)."""
     values: dict[str, Any] = {
@@ -127,6 +142,8 @@ def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
         logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
         return
     ctx.redis.set(done_key(job_id), b"1", ex=DONE_TTL_S)
+    if outcome.result is not None:
+        count_tokens(spec["model"], outcome.result.prompt_tokens, outcome.result.completion_tokens)
     send_final_reply(ctx.redis, spec, outcome)
     # A crash before this line leaves the job unsettled; the sweeper sends the settle
     # task for finished, unsettled jobs.
@@ -167,8 +184,13 @@ def run_job(self: Task, **spec: Any) -> None:
         logger.info("job %s is already running; dropping a repeated delivery", job_id)
         return
     _running.add(job_id)
+    observe_queue_wait(
+        queue_name(spec["provider"], spec["region"], spec["lane"]),
+        time.time() - spec.get("published_at", time.time()),
+    )
     try:
-        outcome = call_target(ctx, spec)
+        with job_in_flight(spec["region"]):
+            outcome = call_target(ctx, spec)
         if outcome.error is not None and outcome.error.failover:
             index = next_target(ctx, spec)
             if index is not None:

@@ -39,6 +39,8 @@ LOCK_KEY = "broker:sweeper:lock"
 REDISPATCH_GRACE_S = 10
 # Seconds after finishing before an unsettled job gets its settle task again.
 SETTLE_GRACE_S = 30
+# Seconds before the same unsettled job gets its settle task again.
+SETTLE_RESEND_INTERVAL_S = 60
 # Jobs examined per run and per kind, so one run stays short however large the backlog.
 BATCH = 500
 ACTIVE_STATUSES = ("queued", "running")
@@ -150,8 +152,12 @@ def sweep(ctx: WorkerContext) -> SweepReport:
             _redispatch(ctx, job)
             report.redispatched += 1
     for job_id in unsettled:
-        celery_app.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
-        report.resettled += 1
+        # One resend per job a minute, so a billing backlog is not buried under repeats.
+        if ctx.redis.set(
+            f"broker:job:{job_id}:settle-resent", b"1", nx=True, ex=SETTLE_RESEND_INTERVAL_S
+        ):
+            celery_app.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
+            report.resettled += 1
     if report.expired or report.redispatched or report.resettled:
         logger.info(
             "sweep: %d expired, %d published again, %d sent to settle again",

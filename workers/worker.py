@@ -13,8 +13,9 @@ from typing import Any
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from broker.settings import get_settings
-from workers import billing, dispatch  # noqa: F401  (registers the tasks)
+from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
 from workers.app import RUN_JOB_TASK, celery_app
+from workers.async_pass import start_async_pass
 from workers.context import get_context
 from workers.dispatch import claim_lease
 from workers.heartbeat import set_node_name, start_heartbeat, worker_identity
@@ -29,11 +30,12 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 app = celery_app
 _stop_heartbeat = None
 _stop_sweeper = None
+_stop_async_pass = None
 
 
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    global _stop_heartbeat, _stop_sweeper
+    global _stop_heartbeat, _stop_sweeper, _stop_async_pass
     pool = os.environ.get(POOL_ENV)
     set_node_name(sender.hostname)
     if pool:
@@ -43,6 +45,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     if pool == "billing":
         # Any number of billing workers may run it; a Redis lock lets one sweep at a time.
         _stop_sweeper = start_sweeper(get_settings().sweep_interval_s)
+        # Webhook retries, batch windows and expiry, job retention (workers.async_pass).
+        _stop_async_pass = start_async_pass(get_settings().async_pass_interval_s)
 
 
 @task_received.connect
@@ -60,6 +64,6 @@ def _on_received(request: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
-    for stop in (_stop_heartbeat, _stop_sweeper):
+    for stop in (_stop_heartbeat, _stop_sweeper, _stop_async_pass):
         if stop is not None:
             stop.set()

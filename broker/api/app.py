@@ -14,19 +14,34 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
-from broker.api import admin, billing, catalog_routes, chat, payments
+from broker.api import (
+    admin,
+    batches,
+    billing,
+    catalog_routes,
+    chat,
+    files,
+    jobs,
+    payments,
+    webhooks,
+)
 from broker.api.auth import KeyAuthenticator
+from broker.api.observability import RequestMetricsMiddleware
 from broker.api.services import Services, services
 from broker.catalog import load_catalog
 from broker.db import async_session_factory, make_async_engine
 from broker.errors import BrokerError, ServiceUnavailable
 from broker.intake import Intake
 from broker.jsonresponse import ORJSONResponse
+from broker.logcontext import RequestIdMiddleware
 from broker.logs import configure_logging
+from broker.metrics import catalog_queues, catalog_targets, metrics_app
 from broker.replies import ReplyListener
 from broker.settings import Settings, get_settings
-from workers.app import make_celery
+from workers.app import BATCHES_QUEUE, BILLING_QUEUE, WEBHOOKS_QUEUE, make_celery
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +139,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             ServiceUnavailable("The broker's Redis is unavailable; resend the request shortly.")
         )
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> Response:
+        # The client closed the connection while sending its body: no job was created
+        # and nobody reads this response.
+        logger.debug("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> ORJSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -142,7 +164,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; uvicorn calls this as a factory in each worker process."""
     settings = settings or get_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     app = FastAPI(
         title="Inference broker",
         version="0.1.0",
@@ -151,11 +173,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = _build_services(settings)
     _install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
+    catalog = app.state.services.catalog
+    app.add_route(
+        "/metrics",
+        metrics_app(
+            settings.redis_url,
+            catalog_queues(catalog, extra=[BILLING_QUEUE, WEBHOOKS_QUEUE, BATCHES_QUEUE]),
+            catalog_targets(catalog),
+        ),
+        include_in_schema=False,
+    )
     app.include_router(chat.router)
     app.include_router(catalog_routes.router)
     app.include_router(billing.router)
     app.include_router(admin.router)
     app.include_router(payments.router)
+    # Asynchronous work: jobs, files, batches and webhooks.
+    for module in (jobs, files, batches, webhooks):
+        app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

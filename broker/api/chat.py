@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from broker import response_cache
+from broker.api.guards import enforce_rate_limit, plan_cache, remember
 from broker.api.services import Caller, services
 from broker.chat_request import parse_json_body, validate_chat_request
 from broker.errors import InvalidRequest, PayloadTooLarge, from_job_error
@@ -60,15 +62,27 @@ def _final_response(reply: dict[str, Any]) -> Response:
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request, caller: Caller) -> Response:
     body = await _read_body(request)
+    cache_flag = response_cache.pop_cache_flag(body)
     chat = validate_chat_request(body)
-    intake = services(request).intake
-    submission = intake.prepare_chat(body, chat, caller)
+    state = services(request)
+    submission = state.intake.prepare_chat(body, chat, caller)
+    request.state.model = submission.target.model.id
     submission.idempotency_key = _idempotency_key(request)
-    if not submission.stream:
-        return _final_response(await intake.run(caller, submission))
+    limit_headers = await enforce_rate_limit(state, caller, submission)
+    cache = await plan_cache(state, caller, request.headers, submission, cache_flag)
+    if cache.entry is not None:
+        return _cache_hit(cache.entry, submission, limit_headers, body)
 
-    job_id, messages = await intake.stream(caller, submission)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if not submission.stream:
+        reply = await state.intake.run(caller, submission)
+        response = _final_response(reply)
+        response.headers.update(limit_headers)
+        if cache.enabled and reply["status"] == "succeeded":
+            await remember(state, caller, submission, reply)
+            response.headers[response_cache.CACHE_HEADER] = "miss"
+        return response
+
+    job_id, messages = await state.intake.stream(caller, submission)
     target = submission.target
     headers = {
         "x-broker-job-id": job_id,
@@ -76,9 +90,33 @@ async def create_chat_completion(request: Request, caller: Caller) -> Response:
         "x-broker-region": target.region,
         "x-broker-model": target.model.id,
         "cache-control": "no-cache",
+        **limit_headers,
     }
     return StreamingResponse(
-        _sse(messages, include_usage), media_type="text/event-stream", headers=headers
+        _sse(messages, _include_usage(body)), media_type="text/event-stream", headers=headers
+    )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def _cache_hit(
+    entry: dict[str, Any], submission: Any, limit_headers: dict[str, str], body: dict[str, Any]
+) -> Response:
+    """Answer from the response cache: no job runs, and a hit is free (see README)."""
+    headers = {response_cache.CACHE_HEADER: "hit", "x-broker-cost-micro-usd": "0", **limit_headers}
+    completion = response_cache.hit_response(entry)
+    if not submission.stream:
+        return Response(json_bytes(completion), media_type="application/json", headers=headers)
+
+    async def replay() -> AsyncIterator[dict[str, Any]]:
+        for chunk in response_cache.replay_chunks(completion):
+            yield {"type": "chunk", "chunk": chunk}
+        yield {"type": "final", "status": "succeeded"}
+
+    return StreamingResponse(
+        _sse(replay(), _include_usage(body)), media_type="text/event-stream", headers=headers
     )
 
 
@@ -106,7 +144,11 @@ async def _sse(
 @router.post("/v1/embeddings")
 async def create_embeddings(request: Request, caller: Caller) -> Response:
     body = await _read_body(request)
-    intake = services(request).intake
-    submission = intake.prepare_embeddings(body, caller)
+    state = services(request)
+    submission = state.intake.prepare_embeddings(body, caller)
+    request.state.model = submission.target.model.id
     submission.idempotency_key = _idempotency_key(request)
-    return _final_response(await intake.run(caller, submission))
+    limit_headers = await enforce_rate_limit(state, caller, submission)
+    response = _final_response(await state.intake.run(caller, submission))
+    response.headers.update(limit_headers)
+    return response

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from broker.api.auth import KeyAuthenticator
 from broker.catalog import Catalog
 from broker.intake import Intake, Principal
+from broker.logcontext import account_id_var
 from broker.replies import ReplyListener
 from broker.settings import Settings
 
@@ -34,7 +35,9 @@ def services(request: Request) -> Services:
 
 async def principal(request: Request) -> Principal:
     """Authenticate the request's bearer key (a FastAPI dependency)."""
-    return await services(request).auth.authenticate(request.headers.get("authorization"))
+    caller = await services(request).auth.authenticate(request.headers.get("authorization"))
+    account_id_var.set(caller.account_id)
+    return caller
 
 
 Caller = Annotated[Principal, Depends(principal)]

@@ -6,6 +6,7 @@
      +-- UpstreamUnreachable      connection refused, reset or DNS failure (retryable)
      +-- UpstreamStatusError      the provider answered with an error status
      +-- CircuitOpen              the target's circuit is open; nothing was sent
+     +-- ProviderBusy             the provider region's caps stayed full; nothing was sent
 
 ``retryable`` means another attempt at the same target may succeed; ``failover`` means
 another target (region or fallback model) may succeed; ``trips_circuit`` means the
@@ -77,6 +78,14 @@ class DeadlineExceeded(UpstreamTimeout):
     @property
     def failover(self) -> bool:
         return False
+
+
+class ProviderBusy(UpstreamError):
+    """The provider region's concurrency or rate cap stayed full; nothing was sent."""
+
+    retryable = True
+    client_status = 429
+    client_error_type = "rate_limit_error"
 
 
 class CircuitOpen(UpstreamError):

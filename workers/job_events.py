@@ -1,0 +1,88 @@
+"""What follows a job's settlement: batch progress and webhook events.
+
+``on_job_settled`` runs in the settlement's transaction, so a batch's counters and a
+job's event change exactly once with the charge. The work that must wait for the
+commit (publishing tasks) is returned as an ``AfterSettle`` to ``send``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from broker.batches import FINALIZE_BATCH_TASK, send_batch_task, start_finalizing
+from broker.settings import Settings
+from broker.tables import Batch, Job
+from broker.webhooks import JOB_EVENTS, enqueue_event, job_event_data, publish_deliveries
+from workers.app import celery_app
+from workers.context import WorkerContext
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AfterSettle:
+    """Tasks to publish once the settlement has committed."""
+
+    deliveries: list[str] = field(default_factory=list)
+    finalize_batch: str | None = None
+    next_of_batch: str | None = None
+
+    def send(self, ctx: WorkerContext) -> None:
+        from workers.batch_jobs import publish_next
+
+        publish_deliveries(celery_app, self.deliveries)
+        if self.finalize_batch is not None:
+            send_finalize(self.finalize_batch)
+        if self.next_of_batch is not None:
+            # The settled job leaves a place in the batch's window for the next one.
+            publish_next(ctx, self.next_of_batch, 1)
+
+
+def send_finalize(batch_id: str) -> None:
+    """Publish the task that writes a finalizing batch's output files."""
+    send_batch_task(celery_app, FINALIZE_BATCH_TASK, batch_id)
+
+
+def produced_result(status: str, has_response: bool, has_error: bool) -> bool:
+    """Return whether a finished job counts as completed in its batch: it has a result.
+
+    A job cancelled while it ran still has one, and is charged for it.
+    """
+    return status in ("succeeded", "cancelled") and has_response and not has_error
+
+
+def on_job_settled(session: Session, job_id: str, settings: Settings) -> AfterSettle:
+    """Count a settled batch job in its batch, or queue the event of an asynchronous job.
+
+    An asynchronous job (``POST /v1/jobs``) is one that no request waits for: it has no
+    ``reply_to`` and belongs to no batch. Synchronous jobs send no events.
+    """
+    after = AfterSettle()
+    job = session.scalars(
+        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
+    ).one()
+    if job.batch_id is not None:
+        completed = produced_result(job.status, job.response is not None, job.error is not None)
+        column = Batch.completed if completed else Batch.failed
+        session.execute(
+            update(Batch).where(Batch.id == job.batch_id).values({column.key: column + 1})
+        )
+        if start_finalizing(session, job.batch_id):
+            after.finalize_batch = job.batch_id
+        else:
+            after.next_of_batch = job.batch_id
+        return after
+    if job.reply_to is None and job.status in JOB_EVENTS:
+        after.deliveries = enqueue_event(
+            session,
+            job.account_id,
+            JOB_EVENTS[job.status],
+            job_event_data(job),
+            job.webhook_url,
+            settings.webhook_timeout_s,
+        )
+    return after
