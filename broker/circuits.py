@@ -61,6 +61,10 @@ class CircuitBreaker:
             return True
         if state == "open":
             return False
+        return self.take_probe(target)
+
+    def take_probe(self, target: str) -> bool:
+        """Return whether this caller may send the half-open circuit's one probe."""
         return bool(self.client.set(_key(target, "probe"), b"1", nx=True, ex=PROBE_TIMEOUT_S))
 
     def record_success(self, target: str) -> None:

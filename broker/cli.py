@@ -104,6 +104,9 @@ def worker(
     ),
     lanes: str = typer.Option("interactive,batch", help="Comma-separated lanes."),
     name: str = typer.Option(None, help="Celery node name; default <region>@<host>."),
+    metrics_port: int = typer.Option(
+        None, help="Serve this process's Prometheus metrics on this port."
+    ),
 ) -> None:
     """Run a region-pinned worker pool: it consumes only ``*.<region>.*`` queues."""
     from broker.catalog import load_catalog
@@ -131,7 +134,11 @@ def worker(
             "-l",
             settings.log_level,
         ],
-        {"BROKER_WORKER_POOL": region, "BROKER_WORKER_REGION": region},
+        {
+            "BROKER_WORKER_POOL": region,
+            "BROKER_WORKER_REGION": region,
+            **({"BROKER_WORKER_METRICS_PORT": str(metrics_port)} if metrics_port else {}),
+        },
     )
 
 

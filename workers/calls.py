@@ -117,7 +117,8 @@ def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
                 "The job's deadline passed before the provider answered."
             )
             return outcome
-        if not breaker.allow(circuit):
+        state = breaker.state(circuit)
+        if state == "open" or (state == "half_open" and not breaker.take_probe(circuit)):
             outcome.error = CircuitOpen(
                 f"The circuit for {circuit} is open after repeated failures."
             )
@@ -140,7 +141,9 @@ def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
         outcome.attempts.append(_attempt_row(spec, attempt, started, started_at, result, error))
 
         if error is None:
-            breaker.record_success(circuit)
+            # A closed circuit needs no write on success: failures expire with their window.
+            if state != "closed":
+                breaker.record_success(circuit)
             outcome.result = result
             return outcome
         if error.trips_circuit:

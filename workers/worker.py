@@ -12,6 +12,7 @@ from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
 
+from broker.metrics import mark_process_dead, start_worker_metrics_server
 from broker.settings import get_settings
 from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
 from workers.app import RUN_JOB_TASK, celery_app
@@ -42,6 +43,10 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         _stop_heartbeat = start_heartbeat(
             get_settings().redis_url, pool, worker_identity(), region=get_settings().worker_region
         )
+    port = get_settings().worker_metrics_port
+    if port:
+        # Each worker process serves its own /metrics, so each needs its own port.
+        start_worker_metrics_server(port)
     if pool == "billing":
         # Any number of billing workers may run it; a Redis lock lets one sweep at a time.
         _stop_sweeper = start_sweeper(get_settings().sweep_interval_s)
@@ -64,6 +69,7 @@ def _on_received(request: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
+    mark_process_dead()
     for stop in (_stop_heartbeat, _stop_sweeper, _stop_async_pass):
         if stop is not None:
             stop.set()
