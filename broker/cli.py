@@ -15,7 +15,7 @@ from broker.settings import get_settings
 app = typer.Typer(
     help="Self-hosted LLM inference broker.", no_args_is_help=True, pretty_exceptions_enable=False
 )
-accounts_app = typer.Typer(help="Create and list accounts.", no_args_is_help=True)
+accounts_app = typer.Typer(help="Create accounts.", no_args_is_help=True)
 keys_app = typer.Typer(help="Create API keys.", no_args_is_help=True)
 wallet_app = typer.Typer(help="Top up and inspect wallets.", no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
@@ -24,11 +24,15 @@ billing_app = typer.Typer(help="Check and correct the ledger.", no_args_is_help=
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(billing_app, name="billing")
 
+# Largest dollar amount a command accepts; the ledger refuses larger entries anyway.
+MAX_DOLLARS = Decimal(1_000_000)
 # Messages each billing greenlet may hold before it runs them.
 BILLING_PREFETCH_MULTIPLIER = 64
 
-console = Console()
-errors = Console(stderr=True)
+# Tables keep their width when the output is a file or a pipe (rich assumes 80 columns).
+_WIDTH = None if sys.stdout.isatty() else 200
+console = Console(width=_WIDTH)
+errors = Console(stderr=True, width=_WIDTH)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -53,8 +57,11 @@ def _dollars_to_micro(text: str) -> int:
     from broker.catalog import to_micro_usd
 
     try:
-        amount = to_micro_usd(Decimal(text.lstrip("$")))
-    except (InvalidOperation, ValueError):
+        value = Decimal(text.lstrip("$"))
+        if not value.is_finite() or abs(value) > MAX_DOLLARS:
+            raise ValueError(text)
+        amount = to_micro_usd(value)
+    except (InvalidOperation, ValueError, OverflowError):
         fail(f"invalid dollar amount {text!r}: give a number such as 5.00")
     return amount
 
@@ -225,6 +232,22 @@ def simulator(
         host,
         port,
     )
+
+
+@app.command("simulator-env")
+def simulator_env(
+    us_port: int = typer.Option(9101, help="Port of the us simulator."),
+    hk_port: int = typer.Option(9102, help="Port of the hk simulator."),
+) -> None:
+    """Print the settings that point every provider at local simulators, for `eval`."""
+    import shlex
+
+    from broker.system import SystemPorts, simulator_environment
+
+    ports = SystemPorts(api=0, simulator_us=us_port, simulator_hk=hk_port)
+    environment = simulator_environment(get_settings(), ports)
+    for name in ("BROKER_BASE_URL_OVERRIDES", "BROKER_PROVIDER_KEYS"):
+        print(f"export {name}={shlex.quote(environment[name])}")
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ DEMO_BALANCE_MICRO_USD = 5_000_000
 # Seconds to wait for the billing worker to settle every job after the last reply.
 SETTLE_TIMEOUT_S = 60.0
 
-console = Console()
+# Tables keep their width when the output is a file or a pipe (rich assumes 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 @dataclass

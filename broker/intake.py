@@ -154,6 +154,10 @@ class Intake:
             raise InvalidRequest(
                 "'input' must be a non-empty string or a list of non-empty strings.", param="input"
             )
+        if body.get("stream"):
+            raise InvalidRequest(
+                "Embeddings cannot be streamed; send the request without 'stream'.", param="stream"
+            )
         model = resolve_model(self.catalog, model_id, category="embedding")
         body = apply_key_policy(principal, body)
         plan = self._plan(model, body, principal)

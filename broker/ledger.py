@@ -26,6 +26,9 @@ class LedgerError(Exception):
     """A wallet operation could not be applied."""
 
 
+# Largest single credit or debit: $1,000,000. Far below the 64-bit column limit, so no
+# sum of balances or ledger entries can overflow.
+MAX_CREDIT_MICRO_USD = 1_000_000 * 1_000_000
 # Entry kinds that move money in or out of the balance, with the sign they allow.
 CREDIT_KINDS = {"topup": 1, "refund": 1, "adjustment": 0}
 
@@ -51,6 +54,11 @@ def credit(
         raise LedgerError(f"unknown credit kind {kind!r}; use one of {sorted(CREDIT_KINDS)}")
     if amount_micro_usd == 0 or (sign > 0 and amount_micro_usd < 0):
         raise LedgerError(f"a {kind} must be positive, got {amount_micro_usd} micro-USD")
+    if abs(amount_micro_usd) > MAX_CREDIT_MICRO_USD:
+        raise LedgerError(
+            f"a {kind} of {amount_micro_usd} micro-USD is above the limit of "
+            f"{MAX_CREDIT_MICRO_USD} micro-USD ($1,000,000) per entry"
+        )
     key = idempotency_key or new_id(kind)
     if session.scalar(select(LedgerEntry.id).where(LedgerEntry.idempotency_key == key)):
         return False

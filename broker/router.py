@@ -68,6 +68,10 @@ class Target:
         }
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def resolve_model(catalog: Catalog, model_id: str, category: str = "chat") -> Model:
     """Look up a model for an endpoint, raising the client-facing error if it cannot serve."""
     model = catalog.get(model_id)
@@ -79,8 +83,8 @@ def resolve_model(catalog: Catalog, model_id: str, category: str = "chat") -> Mo
         )
     if model.category != category:
         raise InvalidRequest(
-            f"The model '{model_id}' is a {model.category} model and cannot "
-            f"serve {category} requests.",
+            f"The model '{model_id}' is {_article(model.category)} {model.category} model "
+            f"and cannot serve {category} requests.",
             param="model",
         )
     if adapter_for(model.wire_format) is None:

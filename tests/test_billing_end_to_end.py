@@ -367,3 +367,23 @@ def test_refund_and_reconcile(stack: Stack) -> None:
                 .where(Wallet.id == account.wallet_id)
                 .values(balance_micro_usd=Wallet.balance_micro_usd - 1)
             )
+
+
+@pytest.mark.parametrize("amount", ["9000000000000", "1e309", "inf", "99999999999999999999"])
+def test_cli_rejects_huge_top_up(stack: Stack, amount: str) -> None:
+    account = stack.new_account(0)
+    env = {
+        **os.environ,
+        "BROKER_DATABASE_URL": stack.settings.database_url,
+        "BROKER_REDIS_URL": stack.settings.redis_url,
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "wallet", "topup", account.id, "--", amount],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert wallet(stack, account.wallet_id).balance_micro_usd == 0

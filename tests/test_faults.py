@@ -381,3 +381,23 @@ def test_slow_upstream_times_out_and_releases_hold(
             job = session.scalars(select(Job).where(Job.account_id == account.id)).one()
         assert job.cost_micro_usd == 0
         stack.close_clients()
+
+
+def test_dead_region_jobs_move_to_live_region(fault_stack: Stack) -> None:
+    account = fault_stack.new_account()
+    worker = fault_stack.group.processes.pop("worker-us")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    try:
+        raw = fault_stack.client(
+            account.api_key, timeout_s=90
+        ).chat.completions.with_raw_response.create(
+            model="gpt-5.4-nano",
+            max_tokens=20,
+            extra_body={"region": "us"},
+            messages=[{"role": "user", "content": "Anyone in us?"}],
+        )
+        assert raw.headers["x-broker-region"] == "hk"
+    finally:
+        restart_worker(fault_stack, "us")
+    ledger_consistent(fault_stack, account.id, account.wallet_id, 5_000_000)

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 from harness import Stack
-from sqlalchemy import select
+from sqlalchemy import func, select
 from support import wait_for
 
 from broker.tables import Job, LedgerEntry
@@ -270,3 +270,21 @@ def test_embeddings_reject_chat_model(stack: Stack) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         stack.client(account.api_key).embeddings.create(model="gpt-5.4", input="x")
     assert caught.value.body["param"] == "model"
+
+
+def test_embeddings_reject_stream(stack: Stack) -> None:
+    account = stack.new_account()
+    response = httpx.post(
+        f"{stack.api_url}/embeddings",
+        headers={"authorization": f"Bearer {account.api_key}"},
+        json={"model": "text-embedding-3-small", "input": "x", "stream": True},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream"
+    with stack.sessions() as session:
+        assert (
+            session.scalar(
+                select(func.count()).select_from(Job).where(Job.account_id == account.id)
+            )
+            == 0
+        )

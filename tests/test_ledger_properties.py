@@ -71,32 +71,59 @@ def ledger_machine(database_url: str) -> type[RuleBasedStateMachine]:
         def hold(self, hold: int) -> str | None:
             job_id = new_id("job")
             now = utcnow()
-            values = {"id": job_id, "account_id": self.account_id, "api_key_id": None,
-                      "endpoint": "/v1/chat/completions", "model": "m", "provider": "p",
-                      "region": "us", "lane": "interactive", "status": "queued",
-                      "request": {}, "route": [], "prompt_tokens": 0, "completion_tokens": 0,
-                      "input_price_micro_usd": 1_000_000, "output_price_micro_usd": 2_000_000,
-                      "hold_micro_usd": hold, "created_at": now,
-                      "deadline_at": now + timedelta(minutes=5)}
+            values = {
+                "id": job_id,
+                "account_id": self.account_id,
+                "api_key_id": None,
+                "endpoint": "/v1/chat/completions",
+                "model": "m",
+                "provider": "p",
+                "region": "us",
+                "lane": "interactive",
+                "status": "queued",
+                "request": {},
+                "route": [],
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "input_price_micro_usd": 1_000_000,
+                "output_price_micro_usd": 2_000_000,
+                "hold_micro_usd": hold,
+                "created_at": now,
+                "deadline_at": now + timedelta(minutes=5),
+            }
             try:
-                self.loop.run_until_complete(create_job(
-                    self.async_sessions, wallet_id=self.wallet_id, hold=hold, values=values))
+                self.loop.run_until_complete(
+                    create_job(
+                        self.async_sessions, wallet_id=self.wallet_id, hold=hold, values=values
+                    )
+                )
             except InsufficientFunds:
                 return None
             return job_id
 
-        @rule(target=settled_jobs, job_id=consumes(held_jobs),
-              prompt=st.integers(0, 3_000), completion=st.integers(0, 3_000),
-              succeeded=st.booleans())
-        def finish_and_settle(self, job_id: str | None, prompt: int, completion: int,
-                              succeeded: bool) -> str | None:
+        @rule(
+            target=settled_jobs,
+            job_id=consumes(held_jobs),
+            prompt=st.integers(0, 3_000),
+            completion=st.integers(0, 3_000),
+            succeeded=st.booleans(),
+        )
+        def finish_and_settle(
+            self, job_id: str | None, prompt: int, completion: int, succeeded: bool
+        ) -> str | None:
             if job_id is None:
                 return None
             with sessions.begin() as session:
-                session.execute(update(Job).where(Job.id == job_id).values(
-                    status="succeeded" if succeeded else "failed", finished_at=utcnow(),
-                    prompt_tokens=prompt if succeeded else 0,
-                    completion_tokens=completion if succeeded else 0))
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(
+                        status="succeeded" if succeeded else "failed",
+                        finished_at=utcnow(),
+                        prompt_tokens=prompt if succeeded else 0,
+                        completion_tokens=completion if succeeded else 0,
+                    )
+                )
             with sessions.begin() as session:
                 assert settle_job(session, job_id) is not None
             return job_id
@@ -125,14 +152,20 @@ def ledger_machine(database_url: str) -> type[RuleBasedStateMachine]:
         def crash_during_settlement(self) -> None:
             """A settlement that dies before commit leaves no trace."""
             with sessions() as session:
-                job_id = session.scalar(select(Job.id).where(
-                    Job.account_id == self.account_id, Job.settled_at.is_(None)).limit(1))
+                job_id = session.scalar(
+                    select(Job.id)
+                    .where(Job.account_id == self.account_id, Job.settled_at.is_(None))
+                    .limit(1)
+                )
             if job_id is None:
                 return
             with sessions() as session:
                 session.begin()
-                session.execute(update(Job).where(Job.id == job_id)
-                                .values(status="succeeded", finished_at=utcnow()))
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id)
+                    .values(status="succeeded", finished_at=utcnow())
+                )
                 settle_job(session, job_id)
                 session.rollback()
 
@@ -140,15 +173,21 @@ def ledger_machine(database_url: str) -> type[RuleBasedStateMachine]:
         def wallet_matches_ledger(self) -> None:
             with sessions() as session:
                 check = check_wallet(session, self.wallet_id)
-                refunds = session.scalar(select(func.coalesce(func.sum(
-                    LedgerEntry.amount_micro_usd), 0)).where(
-                    LedgerEntry.wallet_id == self.wallet_id, LedgerEntry.kind == "refund"))
-                charges = -session.scalar(select(func.coalesce(func.sum(
-                    LedgerEntry.amount_micro_usd), 0)).where(
-                    LedgerEntry.wallet_id == self.wallet_id, LedgerEntry.kind == "charge"))
-                holds_open = session.scalar(select(func.coalesce(func.sum(
-                    Job.hold_micro_usd), 0)).where(
-                    Job.account_id == self.account_id, Job.settled_at.is_(None)))
+                refunds = session.scalar(
+                    select(func.coalesce(func.sum(LedgerEntry.amount_micro_usd), 0)).where(
+                        LedgerEntry.wallet_id == self.wallet_id, LedgerEntry.kind == "refund"
+                    )
+                )
+                charges = -session.scalar(
+                    select(func.coalesce(func.sum(LedgerEntry.amount_micro_usd), 0)).where(
+                        LedgerEntry.wallet_id == self.wallet_id, LedgerEntry.kind == "charge"
+                    )
+                )
+                holds_open = session.scalar(
+                    select(func.coalesce(func.sum(Job.hold_micro_usd), 0)).where(
+                        Job.account_id == self.account_id, Job.settled_at.is_(None)
+                    )
+                )
             assert check.ok
             assert check.held_micro_usd == holds_open
             assert check.held_micro_usd >= 0
@@ -160,6 +199,12 @@ def ledger_machine(database_url: str) -> type[RuleBasedStateMachine]:
 
 def test_ledger_invariants_hold(migrated_database: str) -> None:
     machine = ledger_machine(migrated_database)
-    run_state_machine_as_test(machine, settings=settings(
-        max_examples=15, stateful_step_count=25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow]))
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=15,
+            stateful_step_count=25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

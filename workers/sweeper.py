@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from broker.catalog import queue_name
+from broker.circuits import CircuitBreaker
 from broker.errors import GatewayTimeout
 from broker.tables import Job, as_utc, utcnow
 from workers.adapters.base import DeadlineExceeded
@@ -95,14 +96,47 @@ def _message_lost(ctx: WorkerContext, job: Job) -> bool:
     return ctx.redis.llen(queue) == 0
 
 
+def _better_target(ctx: WorkerContext, spec: dict[str, Any]) -> int | None:
+    """Return the route index to publish the job to: its own target while that region
+    has workers and a closed circuit, else the first usable one; None if none is."""
+    route = spec.get("route") or []
+    if not route:
+        return None
+    current = spec.get("route_index", 0)
+    unavailable = CircuitBreaker(ctx.redis).unavailable(
+        [(target["provider"], target["region"]) for target in route]
+    )
+    order = [current] + [index for index in range(len(route)) if index != current]
+    for index in order:
+        if (route[index]["provider"], route[index]["region"]) not in unavailable:
+            return index
+    return None
+
+
+def _stranded(ctx: WorkerContext, job: Job) -> bool:
+    """Return whether the job waits on a target that cannot run it now (no live worker
+    in its region, or an open circuit) while another target of its route can."""
+    lease = ctx.redis.get(lease_key(job.id))
+    if lease and holder_alive(ctx.redis, lease):
+        return False
+    spec = job.dispatch or {}
+    better = _better_target(ctx, spec)
+    return better is not None and better != spec.get("route_index", 0)
+
+
 def _redispatch(ctx: WorkerContext, job: Job) -> None:
     spec: dict[str, Any] = dict(job.dispatch or {})
     spec.pop("worker", None)
+    index = _better_target(ctx, spec)
+    if index is not None and index != spec.get("route_index", 0):
+        # The job's region lost its workers or its circuit opened: move the job along
+        # its route, as a worker does when retries run out.
+        spec.update(spec["route"][index], route_index=index)
     with ctx.sessions.begin() as session:
         session.execute(
             update(Job)
             .where(Job.id == job.id)
-            .values(dispatched_at=utcnow(), dispatch_count=Job.dispatch_count + 1)
+            .values(dispatch=spec, dispatched_at=utcnow(), dispatch_count=Job.dispatch_count + 1)
         )
     ctx.redis.set(
         queued_key(job.id),
@@ -111,8 +145,10 @@ def _redispatch(ctx: WorkerContext, job: Job) -> None:
     )
     publish_job(celery_app, spec, queue_name(spec["provider"], spec["region"], spec["lane"]))
     logger.warning(
-        "job %s lost its message or its worker; published it again (dispatch %d)",
+        "job %s lost its message or its worker; published it again to %s.%s (dispatch %d)",
         job.id,
+        spec["provider"],
+        spec["region"],
         job.dispatch_count + 1,
     )
 
@@ -147,7 +183,7 @@ def sweep(ctx: WorkerContext) -> SweepReport:
             job.dispatch
             and job.dispatched_at is not None
             and as_utc(job.dispatched_at) <= now - timedelta(seconds=REDISPATCH_GRACE_S)
-            and _message_lost(ctx, job)
+            and (_message_lost(ctx, job) or _stranded(ctx, job))
         ):
             _redispatch(ctx, job)
             report.redispatched += 1
