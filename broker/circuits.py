@@ -11,6 +11,7 @@ A region is alive while at least one of its workers refreshes the region's key.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -90,6 +91,17 @@ class CircuitBreaker:
         pipe.execute()
         logger.warning("circuit %s opened for %d s", target, OPEN_COOLDOWN_S)
 
+    def first_usable(self, route: list[dict[str, Any]], indexes: list[int]) -> int | None:
+        """Return the first of ``indexes`` whose route target is usable now, or None."""
+        if not indexes:
+            return None
+        targets = [(route[i]["provider"], route[i]["region"]) for i in indexes]
+        unavailable = self.unavailable(targets)
+        for index, target in zip(indexes, targets, strict=True):
+            if target not in unavailable:
+                return index
+        return None
+
     def unavailable(self, targets: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Return the (provider, region) pairs that are open or whose region has no worker."""
         return _unavailable(targets, self.client.mget(_lookup_keys(targets)))
@@ -117,7 +129,8 @@ def _unavailable(
 async def unavailable_targets(
     client: aioredis.Redis, targets: list[tuple[str, str]]
 ) -> set[tuple[str, str]]:
-    """The API side of ``CircuitBreaker.unavailable``: one MGET for a whole route plan."""
+    """Return the unavailable targets of a route plan with one MGET (the API's side of
+    ``CircuitBreaker.unavailable``)."""
     if not targets:
         return set()
     return _unavailable(targets, await client.mget(_lookup_keys(targets)))

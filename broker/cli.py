@@ -170,10 +170,10 @@ def billing_worker(
             str(concurrency or settings.billing_concurrency),
             "-Q",
             ",".join((BILLING_QUEUE, BATCHES_QUEUE, WEBHOOKS_QUEUE)),
-            # Settle tasks take milliseconds. With kombu's Redis transport a worker whose
-            # prefetched messages are all taken pauses fetching for up to a second, so
-            # a prefetch of one per greenlet would cap billing near 16 settlements a
-            # second; settling is idempotent, so a deep prefetch is safe.
+            # Settle tasks take milliseconds. Kombu's Redis transport pauses fetching for up
+            # to a second once a worker's prefetched messages are all taken, so a prefetch
+            # of one per greenlet capped billing near 16 settlements a second. Settling is
+            # idempotent, so a deep prefetch is safe.
             "--prefetch-multiplier",
             str(BILLING_PREFETCH_MULTIPLIER),
             "-n",
@@ -213,8 +213,8 @@ def simulator(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(9101, help="TCP port."),
     latency_ms: int = typer.Option(0, help="Added latency per call, milliseconds."),
-    fault_rate_429: float = typer.Option(0.0, help="Share of calls answered 429."),
-    fault_rate_500: float = typer.Option(0.0, help="Share of calls answered 500."),
+    fault_rate_429: float = typer.Option(0.0, help="Share of calls that get a 429 response."),
+    fault_rate_500: float = typer.Option(0.0, help="Share of calls that get a 500 response."),
     fault_rate_timeout: float = typer.Option(0.0, help="Share of calls that hang."),
 ) -> None:
     """Run the provider simulator for one region."""

@@ -68,7 +68,7 @@ EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the account, the key and the wallet that pays."""
+    """The caller: its account, API key, paying wallet and the key's limits."""
 
     account_id: str
     api_key_id: str
@@ -215,7 +215,8 @@ class Intake:
     ) -> tuple[str, AsyncIterator[dict[str, Any]]]:
         """Start a streamed job; returns its id and its chunk messages, then the final one.
 
-        Leaving the iterator early (a client that went away) asks the worker to cancel.
+        Leaving the iterator early (a client that went away) sets the job's cancel key, so
+        the worker stops the upstream call.
         """
         job_id = new_id("job")
         queue = self.replies.expect_stream(job_id)
@@ -301,8 +302,8 @@ class Intake:
         for index, target in enumerate(plan):
             if target.key not in unavailable:
                 return index
-        # Nothing can run it now; queue it on the primary, where a worker that comes
-        # back picks it up, or the sweeper expires it at its deadline.
+        # No target can run it now, so queue it on the primary. A worker that comes back
+        # picks it up, or the sweeper moves or expires it.
         return 0
 
     def _task_spec(self, job_id: str, submission: Submission, deadline: float) -> dict[str, Any]:

@@ -199,9 +199,9 @@ def settle_job(session: Session, job_id: str) -> Settlement | None:
             row.cached_prompt_tokens,
             row.cached_input_price_micro_usd,
         )
-    # The hold is the most the client agreed to pay, and charging more could take the
-    # balance below zero; a provider that counts more tokens than the bound is the
-    # broker's loss, logged for the operator.
+    # The hold is the most the client agreed to pay, so the charge never exceeds it and
+    # the balance cannot go below zero. Tokens counted beyond the bound are the broker's
+    # loss, logged for the operator.
     if cost > row.hold_micro_usd:
         logger.warning(
             "job %s cost %d micro-USD, above its hold of %d; charging the hold",

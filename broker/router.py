@@ -11,7 +11,8 @@ from workers.adapters import adapter_for
 
 # Parts per million: the unit of price multipliers.
 PPM = 1_000_000
-# Body field that asks to drop parameters the provider cannot honour instead of a 400.
+# Body field that requests dropping parameters the provider cannot honour, instead of
+# a 400.
 DROP_PARAMS_FIELD = "drop_params"
 # Body fields that steer routing and never reach a provider.
 ROUTING_FIELDS = ("region", "region_pin", "models", "fallbacks")

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Signing secret of the Stripe webhook endpoint (whsec_...); without one it is off.
     stripe_webhook_secret: SecretStr | None = None
 
-    # Greenlets per region worker process: each holds one upstream call in flight.
+    # Greenlets per region worker process; each runs one upstream call at a time.
     worker_concurrency: int = 500
     # Greenlets of the billing worker; settlement is short and database-bound.
     billing_concurrency: int = 16
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     job_timeout_s: float = 600.0
     # Seconds between sweeper runs (re-dispatch, expiry, missed settlements).
     sweep_interval_s: float = 5.0
-    # Seconds a synchronous request waits for its job before answering 504.
+    # Seconds a synchronous request waits for its job before it returns 504.
     sync_wait_timeout_s: float = 600.0
     # Attempts per job on the same target for transient errors (429, 5xx, timeouts).
     max_attempts: int = 3

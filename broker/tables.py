@@ -1,8 +1,9 @@
 """The relational data model: accounts, keys, wallets, ledger, jobs and attempts.
 
-Money columns hold integer micro-dollars. A wallet's ``balance_micro_usd`` equals the
+Money columns store integer micro-dollars. A wallet's ``balance_micro_usd`` equals the
 sum of its ledger entries' ``amount_micro_usd``, and its ``held_micro_usd`` equals the
-sum of their ``held_delta_micro_usd``; both change only together with a ledger insert.
+sum of their ``held_delta_micro_usd``. Both change only in the transaction that inserts
+the ledger entry explaining the change.
 """
 
 from __future__ import annotations

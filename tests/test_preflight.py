@@ -1,4 +1,4 @@
-"""A missing service gives one line that says what to start, not a traceback."""
+"""A missing service gives one line naming what to start, not a traceback."""
 
 from __future__ import annotations
 

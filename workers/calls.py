@@ -31,7 +31,7 @@ GATE_WAIT_S = 30.0
 
 @dataclass
 class Outcome:
-    """What the calls to one target came to, with one row per attempt."""
+    """The result of the calls to one target, with one row per attempt."""
 
     result: UpstreamResult | None = None
     error: UpstreamError | None = None

@@ -37,14 +37,7 @@ def next_target(ctx: WorkerContext, spec: dict[str, Any]) -> int | None:
     """Return the index of the next usable target of the job's route, if any."""
     route = spec.get("route") or []
     later = list(range(spec.get("route_index", 0) + 1, len(route)))
-    if not later:
-        return None
-    breaker = CircuitBreaker(ctx.redis)
-    unavailable = breaker.unavailable([(route[i]["provider"], route[i]["region"]) for i in later])
-    for index in later:
-        if (route[index]["provider"], route[index]["region"]) not in unavailable:
-            return index
-    return None
+    return CircuitBreaker(ctx.redis).first_usable(route, later)
 
 
 def _attempt_rows(job_id: str, outcome: Outcome) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The sweeper: the database is the source of truth, and this repairs what Redis lost.
 
-Every ``sweep_interval_s`` one process (whoever holds the Redis lock) scans the jobs
+Every ``sweep_interval_s`` the one process that holds the Redis lock scans the jobs
 that are not final, and:
 
 - expires jobs past their deadline, replies to a waiting client, and sends the settle
@@ -98,19 +98,11 @@ def _message_lost(ctx: WorkerContext, job: Job) -> bool:
 
 def _better_target(ctx: WorkerContext, spec: dict[str, Any]) -> int | None:
     """Return the route index to publish the job to: its own target while that region
-    has workers and a closed circuit, else the first usable one; None if none is."""
+    has workers and a closed circuit, else the first usable one, or None if none is."""
     route = spec.get("route") or []
-    if not route:
-        return None
     current = spec.get("route_index", 0)
-    unavailable = CircuitBreaker(ctx.redis).unavailable(
-        [(target["provider"], target["region"]) for target in route]
-    )
     order = [current] + [index for index in range(len(route)) if index != current]
-    for index in order:
-        if (route[index]["provider"], route[index]["region"]) not in unavailable:
-            return index
-    return None
+    return CircuitBreaker(ctx.redis).first_usable(route, order if route else [])
 
 
 def _stranded(ctx: WorkerContext, job: Job) -> bool:

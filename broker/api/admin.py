@@ -1,7 +1,7 @@
 """The operator's API under ``/admin``: accounts, keys, top-ups, adjustments, refunds.
 
 Every route needs ``Authorization: Bearer <BROKER_ADMIN_TOKEN>``; without a configured
-token the admin API answers 404, as if it did not exist.
+token the admin API returns 404, as if it did not exist.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _: ClientDisconnect) -> Response:
         # The client closed the connection while sending its body: no job was created
-        # and nobody reads this response.
+        # and the client never reads this response.
         logger.debug("client disconnected during %s %s", request.method, request.url.path)
         return Response(status_code=499)
 

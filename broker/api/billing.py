@@ -17,7 +17,7 @@ router = APIRouter()
 
 # Most ledger entries one page returns.
 MAX_PAGE = 1000
-# Longest period one usage report covers, in days.
+# Maximum period of one usage report, in days.
 MAX_USAGE_DAYS = 366
 
 

@@ -18,7 +18,7 @@ from broker.jsonresponse import json_bytes
 router = APIRouter()
 
 SSE_DONE = b"data: [DONE]\n\n"
-# Longest Idempotency-Key accepted; the column holds 200 characters.
+# Maximum length of an Idempotency-Key, because the column stores 200 characters.
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 
@@ -104,7 +104,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
 def _cache_hit(
     entry: dict[str, Any], submission: Any, limit_headers: dict[str, str], body: dict[str, Any]
 ) -> Response:
-    """Answer from the response cache: no job runs, and a hit is free (see README)."""
+    """Return the cached response: no job runs, and a hit is free (see README)."""
     headers = {response_cache.CACHE_HEADER: "hit", "x-broker-cost-micro-usd": "0", **limit_headers}
     completion = response_cache.hit_response(entry)
     if not submission.stream:

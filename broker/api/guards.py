@@ -1,4 +1,4 @@
-"""What runs around a job on the API side: the per-key rate limit and the response cache."""
+"""Checks around a job on the API side: the per-key rate limit and the response cache."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What one API process holds for its lifetime, built at start-up."""
+"""The services one API process keeps for its lifetime, built at start-up."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What every provider adapter returns and raises.
 
-    UpstreamError                 the call failed; ``retryable`` says whether to try again
+    UpstreamError                 the call failed; ``retryable``: another attempt may succeed
      +-- UpstreamTimeout          no answer within the attempt's timeout (retryable)
      |    +-- DeadlineExceeded    the job's overall deadline passed (final)
      +-- UpstreamUnreachable      connection refused, reset or DNS failure (retryable)
@@ -23,8 +23,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-# HTTP statuses worth another attempt at the same target: the provider may answer
-# differently a moment later.
+# HTTP statuses worth another attempt at the same target, because the provider may
+# respond differently a moment later.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 

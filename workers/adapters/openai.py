@@ -56,7 +56,7 @@ def chat_completion(
             timeout=timeout_s,
         )
     except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"The provider did not answer within {timeout_s:g} s.") from exc
+        raise UpstreamTimeout(f"The provider did not respond within {timeout_s:g} s.") from exc
     except httpx.TransportError as exc:
         raise UpstreamUnreachable(f"The provider could not be reached: {exc!r}") from exc
 
