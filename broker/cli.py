@@ -27,7 +27,7 @@ app.add_typer(billing_app, name="billing")
 # Largest dollar amount a command accepts; the ledger refuses larger entries anyway.
 MAX_DOLLARS = Decimal(1_000_000)
 # Messages each billing greenlet may hold before it runs them.
-BILLING_PREFETCH_MULTIPLIER = 64
+BILLING_PREFETCH_MULTIPLIER = 4
 
 # Tables keep their width when the output is a file or a pipe (rich assumes 80 columns).
 _WIDTH = None if sys.stdout.isatty() else 200
@@ -135,7 +135,6 @@ def worker(
             ",".join(queues),
             "-n",
             name or f"{region}@%h",
-            "-E",
             "--without-mingle",
             "--without-gossip",
             "-l",
@@ -173,12 +172,12 @@ def billing_worker(
             # Settle tasks take milliseconds. Kombu's Redis transport pauses fetching for up
             # to a second once a worker's prefetched messages are all taken, so a prefetch
             # of one per greenlet capped billing near 16 settlements a second. Settling is
-            # idempotent, so a deep prefetch is safe.
+            # idempotent, so a deep prefetch is safe; the greenlets running settle tasks
+            # at once share one transaction.
             "--prefetch-multiplier",
             str(BILLING_PREFETCH_MULTIPLIER),
             "-n",
             "billing@%h",
-            "-E",
             "--without-mingle",
             "--without-gossip",
             "-l",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from broker.ids import new_id
@@ -158,96 +159,150 @@ class Settlement:
     job_id: str
     cost_micro_usd: int
     released_micro_usd: int
+    # Whether events follow the charge: batch progress, or a webhook of an asynchronous
+    # job (one that no request waits for).
+    has_events: bool = False
+
+
+_jobs = Job.__table__
+_wallets = Wallet.__table__
+_ledger = LedgerEntry.__table__
+# Core statements: the ORM's bulk paths would evaluate every criterion against the
+# session's objects, which a settlement never loads.
+_SET_COST = (
+    update(_jobs)
+    .where(_jobs.c.id == bindparam("settled_id"))
+    .values(cost_micro_usd=bindparam("settled_cost"))
+)
 
 
 def settle_job(session: Session, job_id: str) -> Settlement | None:
-    """Charge a finished job and release its hold, once.
+    """Charge a finished job and release its hold, once; see ``settle_jobs``."""
+    settled = settle_jobs(session, [job_id])
+    return settled[0] if settled else None
 
-    Returns None when the job is not finished yet or was already settled. The guarded
-    update of the job row is the first statement, so of two concurrent settlements of
-    the same job the second waits for the first's row lock and then matches nothing.
+
+def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
+    """Charge finished jobs and release their holds, each once.
+
+    Returns a settlement for each job settled now; jobs not finished yet or already
+    settled are left out. The guarded update of the job rows is the first statement, so
+    of two concurrent settlements of the same job the second waits for the first's row
+    lock and then matches nothing. Each wallet is updated once, by the sum of its jobs,
+    in the order of account ids, so that concurrent settlements lock wallets in one order.
     """
     now = utcnow()
-    row = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.settled_at.is_(None), Job.status.in_(FINAL_STATUSES))
+    rows = session.execute(
+        update(_jobs)
+        .where(
+            _jobs.c.id.in_(sorted(set(job_ids))),
+            _jobs.c.settled_at.is_(None),
+            _jobs.c.status.in_(FINAL_STATUSES),
+        )
         .values(settled_at=now)
         .returning(
-            Job.account_id,
-            Job.status,
-            Job.prompt_tokens,
-            Job.completion_tokens,
-            Job.input_price_micro_usd,
-            Job.output_price_micro_usd,
-            Job.hold_micro_usd,
-            Job.cached_prompt_tokens,
-            Job.cached_input_price_micro_usd,
+            _jobs.c.id,
+            _jobs.c.account_id,
+            _jobs.c.prompt_tokens,
+            _jobs.c.completion_tokens,
+            _jobs.c.input_price_micro_usd,
+            _jobs.c.output_price_micro_usd,
+            _jobs.c.hold_micro_usd,
+            _jobs.c.cached_prompt_tokens,
+            _jobs.c.cached_input_price_micro_usd,
+            _jobs.c.batch_id,
+            _jobs.c.reply_to,
         )
-    ).one_or_none()
-    if row is None:
-        return None
+    ).all()
+    if not rows:
+        return []
 
-    # Usage the provider reported is charged whatever the status: a stream the client
-    # left early is billed for the tokens the provider counted before it stopped.
-    cost = 0
-    if row.prompt_tokens or row.completion_tokens:
-        cost = job_cost_micro_usd(
-            row.prompt_tokens,
-            row.completion_tokens,
-            row.input_price_micro_usd,
-            row.output_price_micro_usd,
-            row.cached_prompt_tokens,
-            row.cached_input_price_micro_usd,
+    settlements = [
+        Settlement(
+            job_id=row.id,
+            cost_micro_usd=_capped_cost(row),
+            released_micro_usd=row.hold_micro_usd,
+            has_events=row.batch_id is not None or row.reply_to is None,
         )
-    # The hold is the most the client agreed to pay, so the charge never exceeds it and
-    # the balance cannot go below zero. Tokens counted beyond the bound are the broker's
-    # loss, logged for the operator.
+        for row in rows
+    ]
+    session.execute(
+        _SET_COST,
+        [{"settled_id": s.job_id, "settled_cost": s.cost_micro_usd} for s in settlements],
+    )
+    totals: dict[str, list[int]] = {}
+    for row, settlement in zip(rows, settlements, strict=True):
+        total = totals.setdefault(row.account_id, [0, 0])
+        total[0] += settlement.cost_micro_usd
+        total[1] += settlement.released_micro_usd
+    wallet_of: dict[str, str] = {}
+    for account_id in sorted(totals):
+        cost, released = totals[account_id]
+        wallet_of[account_id] = session.execute(
+            update(_wallets)
+            .where(_wallets.c.account_id == account_id)
+            .values(
+                balance_micro_usd=_wallets.c.balance_micro_usd - cost,
+                held_micro_usd=_wallets.c.held_micro_usd - released,
+                updated_at=now,
+            )
+            .returning(_wallets.c.id)
+        ).scalar_one()
+
+    entries = []
+    for row, settlement in zip(rows, settlements, strict=True):
+        entry = dict(wallet_id=wallet_of[row.account_id], job_id=row.id, note="", created_at=now)
+        entries.append(
+            dict(
+                entry,
+                kind="release",
+                amount_micro_usd=0,
+                held_delta_micro_usd=-settlement.released_micro_usd,
+                idempotency_key=f"release:{row.id}",
+            )
+        )
+        if settlement.cost_micro_usd:
+            entries.append(
+                dict(
+                    entry,
+                    kind="charge",
+                    amount_micro_usd=-settlement.cost_micro_usd,
+                    held_delta_micro_usd=0,
+                    idempotency_key=f"charge:{row.id}",
+                )
+            )
+    session.execute(insert(_ledger), entries)
+    return settlements
+
+
+def _capped_cost(row: Any) -> int:
+    """Return a finished job's charge: its reported usage, at most its hold.
+
+    Usage the provider reported is charged whatever the status: a stream the client
+    left early is billed for the tokens the provider counted before it stopped. The
+    hold is the most the client agreed to pay, so the charge never exceeds it and the
+    balance cannot go below zero. Tokens counted beyond the bound are the broker's loss,
+    logged for the operator.
+    """
+    if not (row.prompt_tokens or row.completion_tokens):
+        return 0
+    cost = job_cost_micro_usd(
+        row.prompt_tokens,
+        row.completion_tokens,
+        row.input_price_micro_usd,
+        row.output_price_micro_usd,
+        row.cached_prompt_tokens,
+        row.cached_input_price_micro_usd,
+    )
     if cost > row.hold_micro_usd:
         logger.warning(
             "job %s cost %d micro-USD, above its hold of %d; charging the hold",
-            job_id,
+            row.id,
             cost,
             row.hold_micro_usd,
         )
-        cost = row.hold_micro_usd
-    session.execute(update(Job).where(Job.id == job_id).values(cost_micro_usd=cost))
-    wallet_id = session.scalar(
-        update(Wallet)
-        .where(Wallet.account_id == row.account_id)
-        .values(
-            balance_micro_usd=Wallet.balance_micro_usd - cost,
-            held_micro_usd=Wallet.held_micro_usd - row.hold_micro_usd,
-            updated_at=now,
-        )
-        .returning(Wallet.id)
-    )
-    entries = [
-        dict(
-            wallet_id=wallet_id,
-            kind="release",
-            amount_micro_usd=0,
-            held_delta_micro_usd=-row.hold_micro_usd,
-            idempotency_key=f"release:{job_id}",
-            job_id=job_id,
-            note="",
-            created_at=now,
-        )
-    ]
-    if cost:
-        entries.append(
-            dict(
-                wallet_id=wallet_id,
-                kind="charge",
-                amount_micro_usd=-cost,
-                held_delta_micro_usd=0,
-                idempotency_key=f"charge:{job_id}",
-                job_id=job_id,
-                note="",
-                created_at=now,
-            )
-        )
-    session.execute(insert(LedgerEntry), entries)
-    return Settlement(job_id=job_id, cost_micro_usd=cost, released_micro_usd=row.hold_micro_usd)
+        return row.hold_micro_usd
+    return cost
 
 
 @dataclass(frozen=True)

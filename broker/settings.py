@@ -47,8 +47,9 @@ class Settings(BaseSettings):
 
     # Greenlets per region worker process; each runs one upstream call at a time.
     worker_concurrency: int = 500
-    # Greenlets of the billing worker; settlement is short and database-bound.
-    billing_concurrency: int = 16
+    # Greenlets of the billing worker. Settle tasks running at once share a transaction,
+    # so more greenlets mean larger, fewer transactions under load.
+    billing_concurrency: int = 256
     # Seconds an upstream call may take before the attempt counts as timed out.
     upstream_timeout_s: float = 120.0
     # Seconds a job may take from acceptance to its result, retries and failover

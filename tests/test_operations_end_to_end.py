@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -136,17 +137,28 @@ def test_flower_lists_workers_and_tasks(stack: Stack) -> None:
         assert any(name.startswith("hk@") for name in names)
 
         account = stack.new_account()
+        client = stack.client(account.api_key)
         secret_prompt = "a prompt that must never appear in Flower"
-        raw = stack.client(account.api_key).chat.completions.with_raw_response.create(
-            model="grok-4.1-fast",
-            max_tokens=20,
-            messages=[{"role": "user", "content": secret_prompt}],
-        )
-        job_id = raw.headers["x-broker-job-id"]
 
+        # Flower turns on the workers' task events a few seconds after it starts, so a
+        # job run before then is not listed: send one per look until one is.
         def task_for_job() -> dict | None:
-            tasks = httpx.get(f"{base}/api/tasks", auth=FLOWER_AUTH, timeout=10).json()
-            return next((t for t in tasks.values() if job_id in (t.get("kwargs") or "")), None)
+            raw = client.chat.completions.with_raw_response.create(
+                model="grok-4.1-fast",
+                max_tokens=20,
+                messages=[{"role": "user", "content": secret_prompt}],
+            )
+            job_id = raw.headers["x-broker-job-id"]
+            # The task's events arrive after the reply; give them a moment each look.
+            for _ in range(10):
+                tasks = httpx.get(f"{base}/api/tasks", auth=FLOWER_AUTH, timeout=10).json()
+                listed = next(
+                    (t for t in tasks.values() if job_id in (t.get("kwargs") or "")), None
+                )
+                if listed is not None:
+                    return listed
+                time.sleep(0.2)
+            return None
 
         task = wait_for(task_for_job, timeout_s=30, what="Flower to list the job's task")
         assert task["name"] == "broker.run_job"

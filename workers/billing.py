@@ -1,26 +1,78 @@
-"""The billing task: settle a finished job against its wallet, exactly once."""
+"""The billing task: settle a finished job against its wallet, exactly once.
+
+Settle tasks that run at the same time in one billing worker share a transaction
+(``GroupCommit``): one statement marks all their jobs settled, each wallet is updated
+once, and the ledger entries are one insert. The guarded update of the job rows keeps
+each settlement exactly once, whatever the batch.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from broker.ledger import settle_job as settle_in_session
+from sqlalchemy.exc import DBAPIError
+
+from broker.ledger import Settlement, settle_jobs
 from workers.app import SETTLE_JOB_TASK, celery_app
-from workers.context import get_context
-from workers.job_events import on_job_settled
+from workers.context import WorkerContext, get_context
+from workers.group_commit import GroupCommit
+from workers.job_events import AfterSettle, on_job_settled
 
 logger = logging.getLogger(__name__)
+
+# Max settlements per transaction.
+MAX_BATCH = 256
+
+
+def settle_together(ctx: WorkerContext, job_ids: list[str]) -> list[Settlement | None]:
+    """Settle the jobs in one transaction; None for a job with nothing to settle."""
+    with ctx.sessions.begin() as session:
+        settlements = settle_jobs(session, job_ids)
+        # Batch progress and webhook events change in the settlement's transaction.
+        followers: list[AfterSettle] = [
+            on_job_settled(session, settlement.job_id, ctx.settings)
+            for settlement in settlements
+            if settlement.has_events
+        ]
+    for after in followers:
+        try:
+            after.send(ctx)
+        except Exception:
+            # The events are stored; the webhook and batch sweeps pick up what was not
+            # published, so one failed publish must not fail the other settlements.
+            logger.exception("could not publish the tasks that follow a settlement")
+    by_id = {settlement.job_id: settlement for settlement in settlements}
+    return [by_id.get(job_id) for job_id in job_ids]
+
+
+def _write(job_ids: list[str]) -> list[Settlement | None | BaseException]:
+    ctx = get_context()
+    try:
+        return list(settle_together(ctx, job_ids))
+    except DBAPIError:
+        if len(job_ids) == 1:
+            raise
+        logger.warning("settling %d jobs together failed; settling them one by one", len(job_ids))
+    results: list[Settlement | None | BaseException] = []
+    for job_id in job_ids:
+        try:
+            results.extend(settle_together(ctx, [job_id]))
+        except Exception as exc:
+            logger.warning("settling job %s failed: %s", job_id, exc)
+            results.append(exc)
+    return results
+
+
+_settlements: GroupCommit[str, Settlement | None] = GroupCommit(
+    _write, max_items=MAX_BATCH, name="settlements"
+)
 
 
 @celery_app.task(name=SETTLE_JOB_TASK)
 def settle_job(job_id: str) -> None:
     """Charge the job's usage and release its hold; a repeated call changes nothing."""
-    ctx = get_context()
-    with ctx.sessions.begin() as session:
-        settlement = settle_in_session(session, job_id)
-        # Batch progress and webhook events change in the settlement's transaction.
-        after = on_job_settled(session, job_id, ctx.settings) if settlement else None
-    if settlement is None or after is None:
+    settlement = _settlements.submit(job_id)
+    if settlement is None:
         logger.info("job %s is already settled or not finished; nothing to do", job_id)
         return
     logger.info(
@@ -29,4 +81,3 @@ def settle_job(job_id: str) -> None:
         settlement.cost_micro_usd,
         settlement.released_micro_usd,
     )
-    after.send(ctx)

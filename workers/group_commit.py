@@ -1,0 +1,90 @@
+"""Group commit: many callers' items written by one transaction, one batch at a time.
+
+A caller hands its item over and blocks until the batch that took it has been written.
+While one batch is being written, new items gather for the next, so under load each
+transaction carries many items, and a lone item is written at once, with no timer.
+Threads are greenlets in a gevent worker (Celery's gevent pool patches them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+# Seconds the writer waits for new items before it ends; the next item starts another.
+IDLE_EXIT_S = 5.0
+
+
+@dataclass
+class _Slot(Generic[Item, Result]):
+    item: Item
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Result | None = None
+    error: BaseException | None = None
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Calls ``write(items)`` for batches of at most ``max_items`` submitted items.
+
+    ``write`` returns one result per item, in order; a result that is an exception is
+    raised to that item's caller alone. An exception raised by ``write`` itself is
+    raised to every caller of the batch.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[list[Item]], Sequence[Result | BaseException]],
+        max_items: int = 256,
+        name: str = "group-commit",
+    ) -> None:
+        self._write = write
+        self._max_items = max_items
+        self._name = name
+        self._pending: list[_Slot[Item, Result]] = []
+        self._lock = threading.Condition()
+        self._writer_running = False
+
+    def submit(self, item: Item) -> Result:
+        slot: _Slot[Item, Result] = _Slot(item)
+        with self._lock:
+            self._pending.append(slot)
+            if self._writer_running:
+                self._lock.notify()
+            else:
+                self._writer_running = True
+                threading.Thread(target=self._run, name=self._name, daemon=True).start()
+        slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._lock.wait(IDLE_EXIT_S)
+                if not self._pending:
+                    self._writer_running = False
+                    return
+                batch = self._pending[: self._max_items]
+                del self._pending[: self._max_items]
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[_Slot[Item, Result]]) -> None:
+        try:
+            results = self._write([slot.item for slot in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self._name} wrote {len(results)} of {len(batch)} items")
+        except BaseException as exc:  # noqa: BLE001  (handed to every caller of the batch)
+            results = [exc] * len(batch)
+        for slot, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                slot.error = result
+            else:
+                slot.result = result
+            slot.done.set()
