@@ -17,7 +17,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
-from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -50,7 +49,7 @@ from broker.router import (
     resolve_model,
 )
 from broker.tables import utcnow
-from workers.app import publish_job
+from workers.app import encode_job_message
 from workers.markers import queued_key
 
 logger = logging.getLogger(__name__)
@@ -282,7 +281,7 @@ class Intake:
             return False
         try:
             await self._publish(spec, target)
-        except (KombuError, RedisError, OSError) as exc:
+        except (RedisError, OSError) as exc:
             error = ServiceUnavailable(
                 "The job queue (Redis) is unreachable, so the request "
                 "was not run and nothing was charged. Resend it later."
@@ -320,15 +319,18 @@ class Intake:
         }
 
     async def _publish(self, spec: dict[str, Any], target: Target) -> None:
-        try:
-            await self.redis.set(
-                queued_key(spec["job_id"]), b"1", ex=int(self.job_timeout_s + MARKER_MARGIN_S)
-            )
-        except RedisError as exc:
-            # Without the marker the sweeper may publish the job a second time, which
-            # the workers' lease and the job's status guard make harmless.
-            logger.warning("could not mark job %s as queued: %s", spec["job_id"], exc)
-        publish_job(self.celery, spec, target.queue)
+        """Mark the job as queued and push its task message, in one round trip.
+
+        The message is the one Celery's ``send_task`` would write, pushed on this
+        process's asyncio client, because Celery's producer blocks the event loop.
+        MULTI/EXEC applies the marker and the push together or not at all. Raises
+        RedisError when Redis cannot be reached after the client's retries.
+        """
+        message = encode_job_message(self.celery, spec, target.queue)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(queued_key(spec["job_id"]), b"1", ex=int(self.job_timeout_s + MARKER_MARGIN_S))
+            pipe.lpush(message.key, message.payload)
+            await pipe.execute()
 
     async def _replay(self, principal: Principal, submission: Submission) -> dict[str, Any]:
         """Return the outcome of the job that first used this Idempotency-Key."""

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
+from kombu import serialization
+from kombu.compression import compress
+from kombu.entity import maybe_delivery_mode
+from kombu.transport.redis import Channel as RedisChannel
+from kombu.utils.json import dumps as json_dumps
+from kombu.utils.uuid import uuid
 
 from broker.settings import get_settings
 
@@ -55,23 +61,98 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
+def job_task_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """Return the job task's keyword arguments: the spec and the publish time.
+
+    The publish time lets the worker measure how long the job waited in the queue.
+    """
+    return {**spec, "published_at": time.time()}
+
+
+def job_kwargsrepr(spec: dict[str, Any]) -> str:
+    """Return the job task's ``kwargsrepr``, the text shown in place of its arguments."""
+    return (
+        f"{{job_id: {spec['job_id']}, model: {spec['model']}, region: {spec['region']}"
+        + (f", batch_id: {spec['batch_id']}" if spec.get("batch_id") else "")
+        + "}"
+    )
+
+
 def publish_job(app: Celery, spec: dict[str, Any], queue: str) -> None:
-    """Publish a job's task.
+    """Publish a job's task with Celery, blocking on the round trip to Redis.
 
     The prompt travels in the message but is never displayed: Flower and the worker
-    logs show ``kwargsrepr`` instead of the arguments.
+    logs show ``kwargsrepr`` instead of the arguments. The API publishes the same
+    message without blocking, from ``encode_job_message``.
     """
     app.send_task(
         RUN_JOB_TASK,
-        # The publish time lets the worker measure how long the job waited in the queue.
-        kwargs={**spec, "published_at": time.time()},
+        kwargs=job_task_kwargs(spec),
         queue=queue,
         # A connection broken by a Redis restart is replaced on the first retry.
         retry=True,
         retry_policy=PUBLISH_RETRY_POLICY,
-        kwargsrepr=(
-            f"{{job_id: {spec['job_id']}, model: {spec['model']}, region: {spec['region']}"
-            + (f", batch_id: {spec['batch_id']}" if spec.get("batch_id") else "")
-            + "}"
-        ),
+        kwargsrepr=job_kwargsrepr(spec),
     )
+
+
+class RedisMessage(NamedTuple):
+    """A message as kombu's Redis transport stores it: the list key and the entry."""
+
+    key: str
+    payload: str
+
+
+# The body encoding that kombu's virtual transports apply by default ("base64").
+_BODY_ENCODING = RedisChannel.body_encoding
+_encode_body = RedisChannel.codecs[_BODY_ENCODING].encode
+
+
+def encode_job_message(app: Celery, spec: dict[str, Any], queue: str) -> RedisMessage:
+    """Encode the list entry that ``publish_job`` makes kombu's Redis transport push.
+
+    The caller pushes ``payload`` onto ``key`` with LPUSH, so an asyncio client can
+    publish without Celery's blocking producer. The steps follow Celery 5.7's
+    ``send_task`` and kombu 5.7's ``Producer.publish`` and Redis ``Channel._put``.
+    tests/test_publish.py compares the result with a message that Celery published.
+    """
+    # NOTE: only what publish_job uses is covered: priority 0, no ETA or expiry, no
+    # task-sent event, no global_keyprefix transport option and no queue x-expires.
+    task_id = uuid()
+    kwargsrepr = job_kwargsrepr(spec)
+    # send_task passes ignore_result=None for a task this process has not registered,
+    # and the API registers none.
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        task_id,
+        RUN_JOB_TASK,
+        kwargs=job_task_kwargs(spec),
+        reply_to=app.thread_oid,
+        ignore_result=None,
+        kwargsrepr=kwargsrepr,
+    )
+    # send_task_message copies options it does not know, kwargsrepr among them, into
+    # the properties.
+    properties["kwargsrepr"] = kwargsrepr
+    properties["delivery_mode"] = maybe_delivery_mode(app.conf.task_default_delivery_mode)
+    content_type, content_encoding, data = serialization.dumps(
+        body, serializer=app.conf.task_serializer
+    )
+    if app.conf.task_compression:
+        data, headers["compression"] = compress(data, app.conf.task_compression)
+    # send_task publishes to a queue missing from task_queues through the default
+    # exchange (""), with the queue name as the routing key. A worker restoring an
+    # unacknowledged message routes it the same way, so no binding table is needed.
+    properties["delivery_info"] = {"exchange": "", "routing_key": queue}
+    properties["priority"] = 0
+    properties["body_encoding"] = _BODY_ENCODING
+    properties["delivery_tag"] = uuid()
+    message = {
+        "body": _encode_body(data),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": properties,
+    }
+    # kombu keeps priority 0 messages in the list named after the queue, and adds a
+    # suffix to the name for the priority steps 3, 6 and 9.
+    return RedisMessage(queue, json_dumps(message))

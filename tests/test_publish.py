@@ -1,0 +1,259 @@
+"""The API's asyncio publish of job tasks, checked against Celery's own publish.
+
+``Intake._publish`` writes the task message itself instead of calling Celery's
+``send_task``. These tests compare the two messages in a private Redis, run a message
+from the new path on a real Celery worker, and check that an unreachable Redis fails
+the request with 503 and charges nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from harness import RedisServer, create_database, start_redis
+from kombu.compression import decompress
+from sqlalchemy import select
+from support import wait_for
+
+from broker.accounts import create_account, create_api_key
+from broker.catalog import load_catalog
+from broker.chat_request import ChatCompletionRequest
+from broker.db import async_session_factory, make_async_engine, make_engine, session_factory
+from broker.errors import ServiceUnavailable
+from broker.intake import MARKER_MARGIN_S, Intake, Principal, Submission
+from broker.ledger import check_wallet, top_up
+from broker.migrate import upgrade
+from broker.processes import free_port
+from broker.replies import ReplyListener
+from broker.settings import Settings
+from broker.tables import Job, LedgerEntry, Wallet
+from workers.app import RUN_JOB_TASK, job_kwargsrepr, make_celery, publish_job
+from workers.markers import queued_key
+
+TESTS_DIR = Path(__file__).parent
+JOB_TIMEOUT_S = 600
+OPENING_BALANCE = 5_000_000
+CHAT_BODY = {
+    "model": "deepseek-v4-flash",
+    "max_tokens": 40,
+    # Non-ASCII text checks that both paths escape it the same way.
+    "messages": [{"role": "user", "content": "Say hello: 你好, Grüß dich."}],
+}
+PRINCIPAL = Principal(account_id="acct_test", api_key_id="key_test", wallet_id="wal_test")
+
+
+@pytest.fixture(scope="module")
+def publish_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("publish-redis"))
+    yield server
+    server.process.terminate()
+    server.process.wait(10)
+
+
+def make_intake(redis_url: str, sessions: Any = None) -> Intake:
+    """Build an Intake the way the API does, with its Celery app on ``redis_url``."""
+    celery = make_celery()
+    celery.conf.broker_url = redis_url
+    replies = ReplyListener(redis_url)
+    catalog = load_catalog(Settings().catalog_path)
+    return Intake(catalog, sessions, celery, replies, replies.redis, 60, JOB_TIMEOUT_S)
+
+
+def chat_submission(intake: Intake, principal: Principal = PRINCIPAL) -> Submission:
+    request = ChatCompletionRequest.model_validate(CHAT_BODY)
+    return intake.prepare_chat(CHAT_BODY, request, principal)
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """Parse a Redis list entry and decode its base64, maybe compressed, JSON body."""
+    message = json.loads(raw)
+    data = base64.b64decode(message["body"])
+    if "compression" in message["headers"]:
+        data = decompress(data, message["headers"]["compression"])
+    message["body"] = json.loads(data)
+    return message
+
+
+def without_unique_fields(message: dict[str, Any]) -> dict[str, Any]:
+    """Copy a decoded message with the ids, the delivery tag and the time replaced."""
+    copy = json.loads(json.dumps(message))
+    copy["headers"]["id"] = copy["headers"]["root_id"] = "<task id>"
+    copy["properties"]["correlation_id"] = "<task id>"
+    copy["properties"]["delivery_tag"] = "<delivery tag>"
+    copy["body"][1]["published_at"] = "<publish time>"
+    return copy
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_intake_message_matches_send_task(
+    publish_redis: RedisServer, compression: str | None
+) -> None:
+    redis_url = f"redis://127.0.0.1:{publish_redis.port}/{1 if compression is None else 2}"
+    intake = make_intake(redis_url)
+    intake.celery.conf.task_compression = compression
+    submission = chat_submission(intake)
+    spec = intake._task_spec("job_compare", submission, time.time() + JOB_TIMEOUT_S)
+    queue = submission.target.queue
+
+    publish_job(intake.celery, spec, queue)
+
+    async def publish() -> tuple[float, float]:
+        before = time.time()
+        await intake._publish(spec, submission.target)
+        after = time.time()
+        await intake.redis.aclose()
+        return before, after
+
+    before, after = asyncio.run(publish())
+    intake.celery.close()
+
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.lrange(queue, 0, -1)
+        marker = client.get(queued_key("job_compare"))
+        marker_ttl = client.ttl(queued_key("job_compare"))
+        priority_lists = client.keys(f"{queue}\x06\x16*")
+    assert len(entries) == 2
+    # LPUSH puts the newest entry first: the one from Intake._publish.
+    new, old = (decode(entry) for entry in entries)
+
+    assert without_unique_fields(new) == without_unique_fields(old)
+    assert list(new) == list(old)
+    assert list(new["headers"]) == list(old["headers"])
+    assert list(new["properties"]) == list(old["properties"])
+
+    assert new["headers"]["task"] == RUN_JOB_TASK
+    assert new["headers"]["id"] != old["headers"]["id"]
+    assert new["headers"]["root_id"] == new["headers"]["id"]
+    assert new["properties"]["correlation_id"] == new["headers"]["id"]
+    assert new["properties"]["delivery_tag"] != old["properties"]["delivery_tag"]
+    assert new["properties"]["delivery_info"] == {"exchange": "", "routing_key": queue}
+    assert new["headers"]["kwargsrepr"] == job_kwargsrepr(spec)
+    assert {**new["body"][1], "published_at": None} == {**spec, "published_at": None}
+    assert before <= new["body"][1]["published_at"] <= after
+    assert ("compression" in new["headers"]) == (compression is not None)
+
+    assert marker == b"1"
+    assert JOB_TIMEOUT_S + MARKER_MARGIN_S - 5 <= marker_ttl <= JOB_TIMEOUT_S + MARKER_MARGIN_S
+    assert priority_lists == []
+
+
+def test_worker_started_later_runs_pushed_job(publish_redis: RedisServer, tmp_path: Path) -> None:
+    redis_url = f"redis://127.0.0.1:{publish_redis.port}/3"
+    intake = make_intake(redis_url)
+    submission = chat_submission(intake)
+    spec = intake._task_spec("job_later", submission, time.time() + JOB_TIMEOUT_S)
+    queue = submission.target.queue
+
+    async def publish() -> None:
+        await intake._publish(spec, submission.target)
+        await intake.redis.aclose()
+
+    asyncio.run(publish())
+    client = redis.Redis.from_url(redis_url)
+    # No Celery producer or worker has declared the queue, so no binding table exists.
+    assert client.keys("_kombu.*") == []
+    assert client.llen(queue) == 1
+
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "publish_probe",
+            "worker",
+            "--pool",
+            "solo",
+            "--queues",
+            queue,
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "INFO",
+        ],
+        env={
+            **os.environ,
+            "BROKER_REDIS_URL": redis_url,
+            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        },
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        raw = wait_for(
+            lambda: client.get("probe:received:job_later"), what="the worker to run the job"
+        )
+        # With late acknowledgement the message leaves the unacked hash after the run.
+        wait_for(
+            lambda: client.llen(queue) == 0 and client.hlen("unacked") == 0,
+            what="the message to be acknowledged",
+        )
+    finally:
+        worker.terminate()
+        worker.wait(20)
+        log.close()
+        client.close()
+    record = json.loads(raw)
+    assert {**record["kwargs"], "published_at": None} == {**spec, "published_at": None}
+    assert record["delivery_info"]["routing_key"] == queue
+    assert record["delivery_info"]["exchange"] == ""
+    assert record["origin"] == f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def test_publish_without_redis_fails_with_503(tmp_path: Path) -> None:
+    database_url, _ = create_database("sqlite", tmp_path)
+    upgrade(database_url)
+    engine = make_engine(database_url, pool_size=1)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        account, wallet = create_account(session, "test")
+        top_up(session, account.id, OPENING_BALANCE, note="test opening balance")
+        key, _ = create_api_key(session, account.id, "test")
+    principal = Principal(account_id=account.id, api_key_id=key.id, wallet_id=wallet.id)
+    # Nothing listens on a free port, so every Redis command fails to connect.
+    async_engine = make_async_engine(database_url)
+    intake = make_intake(f"redis://127.0.0.1:{free_port()}/0", async_session_factory(async_engine))
+    submission = chat_submission(intake, principal)
+
+    async def run() -> None:
+        try:
+            await intake.run(principal, submission)
+        finally:
+            await intake.redis.aclose()
+            await async_engine.dispose()
+
+    with pytest.raises(ServiceUnavailable) as caught:
+        asyncio.run(run())
+    assert caught.value.status_code == 503
+    assert "nothing was charged" in str(caught.value)
+
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.account_id == account.id)).one()
+        wallet_row = session.get(Wallet, wallet.id)
+        entries = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.wallet_id == wallet.id)
+        ).all()
+        check = check_wallet(session, wallet.id)
+    engine.dispose()
+    assert job.status == "failed"
+    assert job.cost_micro_usd == 0
+    assert job.settled_at is not None
+    assert job.idempotency_key is None
+    assert wallet_row.balance_micro_usd == OPENING_BALANCE
+    assert wallet_row.held_micro_usd == 0
+    assert sorted(entry.kind for entry in entries if entry.job_id == job.id) == ["hold", "release"]
+    assert sum(entry.held_delta_micro_usd for entry in entries) == 0
+    assert check.ok
