@@ -39,7 +39,15 @@ from broker.processes import free_port
 from broker.replies import ReplyListener
 from broker.settings import Settings
 from broker.tables import Job, LedgerEntry, Wallet
-from workers.app import RUN_JOB_TASK, job_kwargsrepr, make_celery, publish_job
+from workers.app import (
+    BILLING_QUEUE,
+    RUN_JOB_TASK,
+    SETTLE_JOB_TASK,
+    encode_settle_message,
+    job_kwargsrepr,
+    make_celery,
+    publish_job,
+)
 from workers.markers import queued_key
 
 TESTS_DIR = Path(__file__).parent
@@ -147,6 +155,31 @@ def test_intake_message_matches_send_task(
     assert marker == b"1"
     assert JOB_TIMEOUT_S + MARKER_MARGIN_S - 5 <= marker_ttl <= JOB_TIMEOUT_S + MARKER_MARGIN_S
     assert priority_lists == []
+
+
+def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
+    redis_url = f"redis://127.0.0.1:{publish_redis.port}/4"
+    app = make_celery()
+    app.conf.broker_url = redis_url
+    app.send_task(SETTLE_JOB_TASK, args=["job_settle"], queue=BILLING_QUEUE)
+    message = encode_settle_message(app, "job_settle")
+    app.close()
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.lpush(message.key, message.payload)
+        entries = client.lrange(BILLING_QUEUE, 0, -1)
+    assert message.key == BILLING_QUEUE
+    assert len(entries) == 2
+    new, old = (decode(entry) for entry in entries)
+    for decoded in (new, old):
+        decoded["headers"]["id"] = decoded["headers"]["root_id"] = "<task id>"
+        decoded["properties"]["correlation_id"] = "<task id>"
+        decoded["properties"]["delivery_tag"] = "<delivery tag>"
+    assert new == old
+    assert list(new["headers"]) == list(old["headers"])
+    assert list(new["properties"]) == list(old["properties"])
+    assert new["headers"]["task"] == SETTLE_JOB_TASK
+    assert new["body"][0] == ["job_settle"]
 
 
 def test_worker_started_later_runs_pushed_job(publish_redis: RedisServer, tmp_path: Path) -> None:

@@ -112,27 +112,50 @@ def encode_job_message(app: Celery, spec: dict[str, Any], queue: str) -> RedisMe
     """Encode the list entry that ``publish_job`` makes kombu's Redis transport push.
 
     The caller pushes ``payload`` onto ``key`` with LPUSH, so an asyncio client can
-    publish without Celery's blocking producer. The steps follow Celery 5.7's
-    ``send_task`` and kombu 5.7's ``Producer.publish`` and Redis ``Channel._put``.
-    tests/test_publish.py compares the result with a message that Celery published.
+    publish without Celery's blocking producer.
     """
-    # NOTE: only what publish_job uses is covered: priority 0, no ETA or expiry, no
-    # task-sent event, no global_keyprefix transport option and no queue x-expires.
+    return encode_task_message(
+        app, RUN_JOB_TASK, queue, kwargs=job_task_kwargs(spec), kwargsrepr=job_kwargsrepr(spec)
+    )
+
+
+def encode_settle_message(app: Celery, job_id: str) -> RedisMessage:
+    """Encode the settle task of a job, as ``send_task(SETTLE_JOB_TASK, ...)`` would."""
+    return encode_task_message(app, SETTLE_JOB_TASK, BILLING_QUEUE, args=[job_id])
+
+
+def encode_task_message(
+    app: Celery,
+    name: str,
+    queue: str,
+    *,
+    args: list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    kwargsrepr: str | None = None,
+) -> RedisMessage:
+    """Encode the list entry that ``app.send_task`` makes kombu's Redis transport push.
+
+    Pushing it with LPUSH in a pipeline lets a caller publish with its other Redis
+    commands in one round trip. The steps follow Celery 5.7's ``send_task`` and kombu
+    5.7's ``Producer.publish`` and Redis ``Channel._put``; tests/test_publish.py compares
+    the result with a message that Celery published.
+    """
     task_id = uuid()
-    kwargsrepr = job_kwargsrepr(spec)
-    # send_task passes ignore_result=None for a task this process has not registered,
-    # and the API registers none.
+    # send_task passes ignore_result=None for a task the publishing process has not
+    # registered; the result is ignored either way (task_ignore_result).
     headers, properties, body, _ = app.amqp.as_task_v2(
         task_id,
-        RUN_JOB_TASK,
-        kwargs=job_task_kwargs(spec),
+        name,
+        args=args or [],
+        kwargs=kwargs,
         reply_to=app.thread_oid,
         ignore_result=None,
         kwargsrepr=kwargsrepr,
     )
     # send_task_message copies options it does not know, kwargsrepr among them, into
     # the properties.
-    properties["kwargsrepr"] = kwargsrepr
+    if kwargsrepr is not None:
+        properties["kwargsrepr"] = kwargsrepr
     properties["delivery_mode"] = maybe_delivery_mode(app.conf.task_default_delivery_mode)
     content_type, content_encoding, data = serialization.dumps(
         body, serializer=app.conf.task_serializer

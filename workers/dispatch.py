@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task
 from sqlalchemy import insert, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from broker.catalog import queue_name
@@ -16,12 +16,13 @@ from broker.circuits import CircuitBreaker
 from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
-from workers.app import BILLING_QUEUE, RUN_JOB_TASK, SETTLE_JOB_TASK, celery_app, publish_job
+from workers.app import RUN_JOB_TASK, celery_app, encode_settle_message, publish_job
 from workers.calls import Outcome, call_target
 from workers.context import WorkerContext, get_context
+from workers.group_commit import GroupCommit
 from workers.heartbeat import holder_alive, worker_identity
 from workers.markers import DONE_TTL_S, done_key, lease_key, queued_key
-from workers.replies import send_final_reply
+from workers.replies import queue_final_reply
 from workers.streaming import cancel_key
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,7 @@ _db_retry = retry(
 )
 
 
-@_db_retry
-def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
-    """Store the outcome unless the job is already final (a repeated delivery)."""
+def _outcome_values(spec: dict[str, Any], outcome: Outcome) -> dict[str, Any]:
     values: dict[str, Any] = {
         "status": outcome.status,
         "finished_at": utcnow(),
@@ -111,21 +110,75 @@ def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -
         )
     if outcome.error is not None:
         values["error"] = outcome.error.to_job_error()
+    return values
 
+
+_jobs = Job.__table__
+_attempts = Attempt.__table__
+
+
+Finished = tuple[dict[str, Any], Outcome]
+
+
+@_db_retry
+def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
+    """Store each outcome unless its job is already final (a repeated delivery).
+
+    Returns, per outcome, whether it was stored. All are written in one transaction.
+    """
+    stored: list[bool] = []
+    attempts: list[dict[str, Any]] = []
     with ctx.sessions.begin() as session:
-        updated = session.execute(
-            update(Job)
-            .where(Job.id == spec["job_id"], Job.status.in_(ACTIVE_STATUSES))
-            .values(**values)
-        ).rowcount
-        if not updated:
-            return False
-        session.execute(insert(Attempt), _attempt_rows(spec["job_id"], outcome))
-    return True
+        connection = session.connection()
+        for spec, outcome in finished:
+            updated = connection.execute(
+                update(_jobs)
+                .where(_jobs.c.id == spec["job_id"], _jobs.c.status.in_(ACTIVE_STATUSES))
+                .values(**_outcome_values(spec, outcome))
+            ).rowcount
+            stored.append(updated == 1)
+            if updated:
+                attempts.extend(_attempt_rows(spec["job_id"], outcome))
+        if attempts:
+            connection.execute(insert(_attempts), attempts)
+    return stored
 
 
-def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
-    """Record a final outcome, then hand it back and ask billing to settle."""
+def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
+    ctx = get_context()
+    try:
+        return list(record_outcomes(ctx, finished))
+    except DBAPIError:
+        if len(finished) == 1:
+            raise
+        logger.warning("storing %d outcomes together failed; storing each alone", len(finished))
+    results: list[bool | BaseException] = []
+    for item in finished:
+        try:
+            results.extend(record_outcomes(ctx, [item]))
+        except Exception as exc:
+            logger.warning("storing the outcome of job %s failed: %s", item[0]["job_id"], exc)
+            results.append(exc)
+    return results
+
+
+# Outcomes finished at the same time in this process share one transaction.
+_outcomes: GroupCommit[Finished, bool] = GroupCommit(
+    _write_outcomes, max_items=256, name="outcomes"
+)
+
+
+def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
+    """Store the outcome unless the job is already final (a repeated delivery)."""
+    return _outcomes.submit((spec, outcome))
+
+
+def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
+    """Record a final outcome, then hand it back, ask billing to settle, free the lease.
+
+    After the outcome is stored, the done marker, the reply, the settle task and the
+    lease's release go to Redis in one round trip. Returns whether the lease was freed.
+    """
     job_id = spec["job_id"]
     # A job no request waits for (POST /v1/jobs, batches) may be cancelled through the
     # jobs API while it runs: it ends cancelled, charged for the usage it had.
@@ -133,14 +186,24 @@ def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> None:
         outcome.cancelled = True
     if not record_outcome(ctx, spec, outcome):
         logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
-        return
-    ctx.redis.set(done_key(job_id), b"1", ex=DONE_TTL_S)
+        return False
     if outcome.result is not None:
         count_tokens(spec["model"], outcome.result.prompt_tokens, outcome.result.completion_tokens)
-    send_final_reply(ctx.redis, spec, outcome)
-    # A crash before this line leaves the job unsettled; the sweeper sends the settle
-    # task for finished, unsettled jobs.
-    celery_app.send_task(SETTLE_JOB_TASK, args=[job_id], queue=BILLING_QUEUE)
+    # A crash before the pipeline runs leaves the job unsettled; the sweeper sends the
+    # settle task for finished, unsettled jobs.
+    settle = encode_settle_message(celery_app, job_id)
+    pipe = ctx.redis.pipeline(transaction=False)
+    pipe.set(done_key(job_id), b"1", ex=DONE_TTL_S)
+    queue_final_reply(pipe, spec, outcome)
+    pipe.lpush(settle.key, settle.payload)
+    pipe.delete(lease_key(job_id))
+    pipe.execute()
+    return True
+
+
+def lease_holder(region: str) -> str:
+    """Return the lease value of this process: ``<pool>|<identity>``."""
+    return f"{region}|{worker_identity()}"
 
 
 def claim_lease(ctx: WorkerContext, job_id: str, region: str, deadline: float) -> bool:
@@ -150,7 +213,7 @@ def claim_lease(ctx: WorkerContext, job_id: str, region: str, deadline: float) -
     It is first taken when the message is received, before the task starts, so a job
     whose worker dies even before starting it is found by the sweeper.
     """
-    holder = f"{region}|{worker_identity()}"
+    holder = lease_holder(region)
     lease_s = int(max(0.0, deadline - time.time()) + LEASE_MARGIN_S)
     if ctx.redis.set(lease_key(job_id), holder, nx=True, ex=lease_s):
         return True
@@ -170,13 +233,22 @@ def run_job(self: Task, **spec: Any) -> None:
     ctx = get_context()
     job_id = spec["job_id"]
     spec["worker"] = self.request.hostname
-    if ctx.redis.exists(done_key(job_id)):
+    pipe = ctx.redis.pipeline(transaction=False)
+    pipe.exists(done_key(job_id))
+    pipe.get(lease_key(job_id))
+    done, lease = pipe.execute()
+    if done:
         logger.info("job %s is already done; dropping a repeated delivery", job_id)
         return
-    if job_id in _running or not claim_lease(ctx, job_id, spec["region"], spec["deadline"]):
+    # The lease was usually taken when the message arrived (workers.worker).
+    leased = lease is not None and lease.decode() == lease_holder(spec["region"])
+    if job_id in _running or not (
+        leased or claim_lease(ctx, job_id, spec["region"], spec["deadline"])
+    ):
         logger.info("job %s is already running; dropping a repeated delivery", job_id)
         return
     _running.add(job_id)
+    released = False
     observe_queue_wait(
         queue_name(spec["provider"], spec["region"], spec["lane"]),
         time.time() - spec.get("published_at", time.time()),
@@ -189,7 +261,8 @@ def run_job(self: Task, **spec: Any) -> None:
             if index is not None:
                 hand_over(ctx, spec, outcome, index)
                 return
-        finish(ctx, spec, outcome)
+        released = finish(ctx, spec, outcome)
     finally:
         _running.discard(job_id)
-        ctx.redis.delete(lease_key(job_id))
+        if not released:
+            ctx.redis.delete(lease_key(job_id))

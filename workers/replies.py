@@ -15,6 +15,13 @@ REPLY_TTL_S = 300
 
 def send_final_reply(client: redis.Redis, spec: dict[str, Any], outcome: Any) -> None:
     """Hand a job's final outcome to the API process waiting for it, if one waits."""
+    pipe = client.pipeline(transaction=False)
+    queue_final_reply(pipe, spec, outcome)
+    pipe.execute()
+
+
+def queue_final_reply(pipe: redis.client.Pipeline, spec: dict[str, Any], outcome: Any) -> None:
+    """Add the commands of ``send_final_reply`` to ``pipe``, if a request waits."""
     reply_to = spec.get("reply_to")
     if not reply_to:
         return
@@ -39,7 +46,5 @@ def send_final_reply(client: redis.Redis, spec: dict[str, Any], outcome: Any) ->
         )
     if outcome.error is not None:
         message["error"] = outcome.error.to_job_error()
-    pipe = client.pipeline(transaction=False)
     pipe.rpush(reply_to, orjson.dumps(message))
     pipe.expire(reply_to, REPLY_TTL_S)
-    pipe.execute()
