@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -57,11 +59,24 @@ def _install_sqlite_events(engine: Engine) -> None:
     event.listen(engine, "begin", _sqlite_begin)
 
 
+def json_text(value: Any) -> str:
+    """Serialise a JSON column's value: orjson, or the standard library for what orjson
+    rejects (integers beyond 64 bits, which a request body may contain)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> Engine:
     """Create the synchronous engine that workers and the CLI use."""
     target = _normalise(url, asynchronous=False)
     if target.get_backend_name() == "sqlite":
-        engine = create_engine(target, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        engine = create_engine(
+            target,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            json_serializer=json_text,
+        )
         _install_sqlite_events(engine)
         return engine
     return create_engine(
@@ -70,6 +85,7 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> Engi
         max_overflow=max_overflow,
         pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+        json_serializer=json_text,
     )
 
 
@@ -78,7 +94,9 @@ def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -
     target = _normalise(url, asynchronous=True)
     if target.get_backend_name() == "sqlite":
         engine = create_async_engine(
-            target, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            target,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            json_serializer=json_text,
         )
         _install_sqlite_events(engine.sync_engine)
         return engine
@@ -88,6 +106,7 @@ def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -
         max_overflow=max_overflow,
         pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+        json_serializer=json_text,
     )
 
 
