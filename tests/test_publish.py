@@ -42,7 +42,7 @@ from broker.tables import Job, LedgerEntry, Wallet
 from workers.app import (
     BILLING_QUEUE,
     RUN_JOB_TASK,
-    SETTLE_JOB_TASK,
+    SETTLE_JOBS_TASK,
     encode_settle_message,
     job_kwargsrepr,
     make_celery,
@@ -161,8 +161,8 @@ def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
     redis_url = f"redis://127.0.0.1:{publish_redis.port}/4"
     app = make_celery()
     app.conf.broker_url = redis_url
-    app.send_task(SETTLE_JOB_TASK, args=["job_settle"], queue=BILLING_QUEUE)
-    message = encode_settle_message(app, "job_settle")
+    app.send_task(SETTLE_JOBS_TASK, args=[["job_a", "job_b"]], queue=BILLING_QUEUE)
+    message = encode_settle_message(app, ["job_a", "job_b"])
     app.close()
 
     with redis.Redis.from_url(redis_url) as client:
@@ -178,8 +178,8 @@ def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
     assert new == old
     assert list(new["headers"]) == list(old["headers"])
     assert list(new["properties"]) == list(old["properties"])
-    assert new["headers"]["task"] == SETTLE_JOB_TASK
-    assert new["body"][0] == ["job_settle"]
+    assert new["headers"]["task"] == SETTLE_JOBS_TASK
+    assert new["body"][0] == [["job_a", "job_b"]]
 
 
 def test_worker_started_later_runs_pushed_job(publish_redis: RedisServer, tmp_path: Path) -> None:

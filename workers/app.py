@@ -17,6 +17,9 @@ from broker.settings import get_settings
 
 RUN_JOB_TASK = "broker.run_job"
 SETTLE_JOB_TASK = "broker.settle_job"
+# Settles several jobs in one transaction; a region worker sends one per batch of
+# outcomes it stored together.
+SETTLE_JOBS_TASK = "broker.settle_jobs"
 BILLING_QUEUE = "billing"
 WEBHOOKS_QUEUE = "webhooks"
 BATCHES_QUEUE = "batches"
@@ -119,9 +122,10 @@ def encode_job_message(app: Celery, spec: dict[str, Any], queue: str) -> RedisMe
     )
 
 
-def encode_settle_message(app: Celery, job_id: str) -> RedisMessage:
-    """Encode the settle task of a job, as ``send_task(SETTLE_JOB_TASK, ...)`` would."""
-    return encode_task_message(app, SETTLE_JOB_TASK, BILLING_QUEUE, args=[job_id])
+def encode_settle_message(app: Celery, job_ids: list[str]) -> RedisMessage:
+    """Encode the task that settles ``job_ids``, as ``send_task(SETTLE_JOBS_TASK, ...)``
+    would."""
+    return encode_task_message(app, SETTLE_JOBS_TASK, BILLING_QUEUE, args=[job_ids])
 
 
 def encode_task_message(

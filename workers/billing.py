@@ -3,7 +3,9 @@
 Settle tasks that run at the same time in one billing worker share a transaction
 (``GroupCommit``): one statement marks all their jobs settled, each wallet is updated
 once, and the ledger entries are one insert. The guarded update of the job rows keeps
-each settlement exactly once, whatever the batch.
+each settlement exactly once, whatever the batch. Region workers send one
+``settle_jobs`` task for the outcomes they stored together; the sweeper and the jobs API
+send ``settle_job`` for one job.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import logging
 
 from sqlalchemy.exc import DBAPIError
 
-from broker.ledger import Settlement, settle_jobs
-from workers.app import SETTLE_JOB_TASK, celery_app
+from broker import ledger
+from broker.ledger import Settlement
+from workers.app import SETTLE_JOB_TASK, SETTLE_JOBS_TASK, celery_app
 from workers.context import WorkerContext, get_context
 from workers.group_commit import GroupCommit
 from workers.job_events import AfterSettle, on_job_settled
@@ -27,7 +30,7 @@ MAX_BATCH = 256
 def settle_together(ctx: WorkerContext, job_ids: list[str]) -> list[Settlement | None]:
     """Settle the jobs in one transaction; None for a job with nothing to settle."""
     with ctx.sessions.begin() as session:
-        settlements = settle_jobs(session, job_ids)
+        settlements = ledger.settle_jobs(session, job_ids)
         # Batch progress and webhook events change in the settlement's transaction.
         followers: list[AfterSettle] = [
             on_job_settled(session, settlement.job_id, ctx.settings)
@@ -45,7 +48,8 @@ def settle_together(ctx: WorkerContext, job_ids: list[str]) -> list[Settlement |
     return [by_id.get(job_id) for job_id in job_ids]
 
 
-def _write(job_ids: list[str]) -> list[Settlement | None | BaseException]:
+def settle_each(job_ids: list[str]) -> list[Settlement | None | BaseException]:
+    """Settle the jobs together, or one by one if that fails; one result per job."""
     ctx = get_context()
     try:
         return list(settle_together(ctx, job_ids))
@@ -64,7 +68,7 @@ def _write(job_ids: list[str]) -> list[Settlement | None | BaseException]:
 
 
 _settlements: GroupCommit[str, Settlement | None] = GroupCommit(
-    _write, max_items=MAX_BATCH, name="settlements"
+    settle_each, max_items=MAX_BATCH, name="settlements"
 )
 
 
@@ -81,3 +85,19 @@ def settle_job(job_id: str) -> None:
         settlement.cost_micro_usd,
         settlement.released_micro_usd,
     )
+
+
+@celery_app.task(name=SETTLE_JOBS_TASK)
+def settle_jobs(job_ids: list[str]) -> None:
+    """Settle several jobs in one transaction; jobs already settled are skipped."""
+    results = settle_each(job_ids)
+    failed = [
+        job_id
+        for job_id, result in zip(job_ids, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
+    settled = sum(1 for result in results if isinstance(result, Settlement))
+    logger.info("settled %d of %d jobs", settled, len(job_ids))
+    if failed:
+        # The sweeper sends finished, unsettled jobs to be settled again.
+        logger.warning("could not settle %d jobs, such as %s", len(failed), failed[0])

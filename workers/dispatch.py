@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from celery import Task
+from redis.exceptions import RedisError
 from sqlalchemy import insert, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -147,19 +148,36 @@ def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
 def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
     ctx = get_context()
     try:
-        return list(record_outcomes(ctx, finished))
+        stored: list[bool | BaseException] = list(record_outcomes(ctx, finished))
     except DBAPIError:
         if len(finished) == 1:
             raise
         logger.warning("storing %d outcomes together failed; storing each alone", len(finished))
-    results: list[bool | BaseException] = []
-    for item in finished:
-        try:
-            results.extend(record_outcomes(ctx, [item]))
-        except Exception as exc:
-            logger.warning("storing the outcome of job %s failed: %s", item[0]["job_id"], exc)
-            results.append(exc)
-    return results
+        stored = []
+        for item in finished:
+            try:
+                stored.extend(record_outcomes(ctx, [item]))
+            except Exception as exc:
+                logger.warning("storing the outcome of job %s failed: %s", item[0]["job_id"], exc)
+                stored.append(exc)
+    request_settlement(
+        ctx, [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
+    )
+    return stored
+
+
+def request_settlement(ctx: WorkerContext, job_ids: list[str]) -> None:
+    """Send one settle task for the jobs whose outcomes were just stored.
+
+    If it cannot be sent, the sweeper sends finished, unsettled jobs to be settled.
+    """
+    if not job_ids:
+        return
+    message = encode_settle_message(celery_app, job_ids)
+    try:
+        ctx.redis.lpush(message.key, message.payload)
+    except RedisError as exc:
+        logger.warning("could not send %d jobs to be settled: %s", len(job_ids), exc)
 
 
 # Outcomes finished at the same time in this process share one transaction.
@@ -176,8 +194,10 @@ def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -
 def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
     """Record a final outcome, then hand it back, ask billing to settle, free the lease.
 
-    After the outcome is stored, the done marker, the reply, the settle task and the
-    lease's release go to Redis in one round trip. Returns whether the lease was freed.
+    The outcome is stored with those of other jobs finishing at the same time, and one
+    settle task is sent for them all (``request_settlement``). Then the done marker, the
+    reply and the lease's release go to Redis in one round trip. Returns whether the
+    lease was freed.
     """
     job_id = spec["job_id"]
     # A job no request waits for (POST /v1/jobs, batches) may be cancelled through the
@@ -189,13 +209,9 @@ def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
         return False
     if outcome.result is not None:
         count_tokens(spec["model"], outcome.result.prompt_tokens, outcome.result.completion_tokens)
-    # A crash before the pipeline runs leaves the job unsettled; the sweeper sends the
-    # settle task for finished, unsettled jobs.
-    settle = encode_settle_message(celery_app, job_id)
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.set(done_key(job_id), b"1", ex=DONE_TTL_S)
     queue_final_reply(pipe, spec, outcome)
-    pipe.lpush(settle.key, settle.payload)
     pipe.delete(lease_key(job_id))
     pipe.execute()
     return True
