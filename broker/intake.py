@@ -30,11 +30,11 @@ from broker.errors import (
     PermissionDenied,
     ServiceUnavailable,
 )
+from broker.group_commit import JobGroupCommit
 from broker.ids import new_id
 from broker.jobstore import (
     DuplicateIdempotencyKey,
     abandon_job,
-    create_job,
     final_reply,
     find_by_idempotency_key,
     read_final_reply,
@@ -121,6 +121,9 @@ class Intake:
         self.redis = redis
         self.wait_timeout_s = wait_timeout_s
         self.job_timeout_s = job_timeout_s
+        # Concurrent requests share the transaction that reserves their worst-case cost
+        # and inserts their job (see broker/group_commit.py).
+        self.jobs = JobGroupCommit(sessions)
 
     def prepare_chat(
         self, body: dict[str, Any], request: ChatCompletionRequest, principal: Principal
@@ -270,8 +273,7 @@ class Intake:
             **submission.job_fields,
         }
         try:
-            await create_job(
-                self.sessions,
+            await self.jobs.create_job(
                 wallet_id=principal.wallet_id,
                 hold=submission.hold,
                 values=values,

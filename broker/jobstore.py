@@ -24,6 +24,15 @@ def format_usd(micro_usd: int) -> str:
     return f"${micro_usd / 1_000_000:,.6f}"
 
 
+def insufficient_funds(available: int, hold: int) -> InsufficientFunds:
+    """Return the error for a wallet whose available balance cannot cover ``hold``."""
+    return InsufficientFunds(
+        f"The wallet's available balance ({format_usd(available)}) cannot "
+        f"cover this request's worst-case cost ({format_usd(hold)}). Top up the "
+        "wallet or lower max_tokens."
+    )
+
+
 async def create_job(
     sessions: async_sessionmaker[AsyncSession],
     *,
@@ -57,11 +66,7 @@ async def create_job(
                         Wallet.id == wallet_id
                     )
                 )
-                raise InsufficientFunds(
-                    f"The wallet's available balance ({format_usd(available or 0)}) cannot "
-                    f"cover this request's worst-case cost ({format_usd(hold)}). Top up the "
-                    "wallet or lower max_tokens."
-                )
+                raise insufficient_funds(available or 0, hold)
             await session.execute(
                 insert(LedgerEntry).values(
                     wallet_id=wallet_id,

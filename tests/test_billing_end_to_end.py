@@ -19,6 +19,7 @@ from harness import STRIPE_WEBHOOK_SECRET, Stack
 from sqlalchemy import func, select, update
 from support import wait_for
 
+from broker.ledger import check_wallet
 from broker.tables import Job, LedgerEntry, Wallet
 
 # deepseek-v4-flash: $0.1358 and $0.2716 per million tokens.
@@ -100,6 +101,76 @@ def test_race_never_reserves_more_than_balance(stack: Stack) -> None:
     final = wallet(stack, account.wallet_id)
     assert final.balance_micro_usd == balance
     assert final.held_micro_usd == 0
+
+
+def test_short_wallet_spares_other_accounts(stack: Stack) -> None:
+    """Concurrent requests of three accounts share the API's job transactions. The one
+    wallet that covers only 3 of its requests must not fail the other accounts'."""
+    httpx.post(f"{stack.simulator_url('hk')}/_sim/config", json={"latency_ms": 1000})
+    short = stack.new_account(3 * RACE_HOLD + 100)
+    funded = [stack.new_account(), stack.new_account()]
+    per_account = 30
+    clients = {
+        account.id: openai.AsyncOpenAI(
+            base_url=stack.api_url, api_key=account.api_key, max_retries=0, timeout=120
+        )
+        for account in (short, *funded)
+    }
+
+    async def one(account_id: str) -> tuple[str, int, dict | None]:
+        try:
+            await clients[account_id].chat.completions.create(**RACE_REQUEST)
+            return account_id, 200, None
+        except openai.APIStatusError as exc:
+            return account_id, exc.status_code, exc.body
+
+    async def all_of_them() -> list[tuple[str, int, dict | None]]:
+        order = [account.id for _ in range(per_account) for account in (short, *funded)]
+        try:
+            return await asyncio.gather(*(one(account_id) for account_id in order))
+        finally:
+            for client in clients.values():
+                await client.close()
+
+    try:
+        results = asyncio.run(all_of_them())
+    finally:
+        httpx.post(f"{stack.simulator_url('hk')}/_sim/config", json={"latency_ms": 0})
+
+    for account in funded:
+        statuses = [status for account_id, status, _ in results if account_id == account.id]
+        assert statuses == [200] * per_account
+    short_results = [
+        (status, body) for account_id, status, body in results if account_id == short.id
+    ]
+    served = sum(status == 200 for status, _ in short_results)
+    # Holds are only released by settlement, so at least the 3 covered requests run.
+    assert served >= 3
+    for status, body in short_results:
+        assert status in (200, 402)
+        if status == 402:
+            assert body["code"] == "insufficient_quota"
+            assert "cannot cover this request's worst-case cost ($0.000274)" in body["message"]
+    for account in (short, *funded):
+        wait_for(
+            lambda account=account: settled(stack, account.id), timeout_s=60, what="settlement"
+        )
+    with stack.sessions() as session:
+        for account in (short, *funded):
+            check = check_wallet(session, account.wallet_id)
+            jobs = session.scalar(
+                select(func.count()).select_from(Job).where(Job.account_id == account.id)
+            )
+            holds = session.scalar(
+                select(func.count())
+                .select_from(LedgerEntry)
+                .where(LedgerEntry.wallet_id == account.wallet_id, LedgerEntry.kind == "hold")
+            )
+            expected = served if account is short else per_account
+            assert jobs == expected
+            assert holds == expected
+            assert check.ok
+            assert check.held_micro_usd == 0
 
 
 def test_revoked_key_rejected_at_once(stack: Stack) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -154,6 +155,49 @@ def test_job_idempotency_key_returns_same_job(stack: Stack) -> None:
         headers=headers,
     )
     assert changed.status_code == 409
+
+
+def test_concurrent_idempotency_key_one_job(stack: Stack) -> None:
+    """Copies of one keyed request, sent at once with unkeyed ones, share the API's job
+    transactions: every copy gets the same job, and only that job reserves money."""
+    account = stack.new_account(OPENING)
+    body = chat_line("concurrent")["body"]
+    copies = 8
+
+    async def post(client: httpx.AsyncClient, key: str | None) -> httpx.Response:
+        headers = {"authorization": f"Bearer {account.api_key}"}
+        if key is not None:
+            headers["idempotency-key"] = key
+        return await client.post(
+            f"{stack.api_url}/jobs",
+            json={"endpoint": "/v1/chat/completions", "body": body},
+            headers=headers,
+        )
+
+    async def all_of_them() -> list[httpx.Response]:
+        keys = [key for _ in range(copies) for key in ("concurrent-key", None)]
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(post(client, key) for key in keys))
+
+    responses = asyncio.run(all_of_them())
+
+    assert [r.status_code for r in responses] == [202] * (2 * copies)
+    keyed_ids = {r.json()["id"] for r in responses[0::2]}
+    unkeyed_ids = {r.json()["id"] for r in responses[1::2]}
+    assert len(keyed_ids) == 1
+    assert len(unkeyed_ids) == copies
+    job_ids = keyed_ids | unkeyed_ids
+    for job_id in job_ids:
+        settled_job(stack, account.api_key, job_id)
+    with stack.sessions() as session:
+        holds = session.scalars(
+            select(LedgerEntry.job_id).where(
+                LedgerEntry.wallet_id == account.wallet_id, LedgerEntry.kind == "hold"
+            )
+        ).all()
+    assert sorted(holds) == sorted(job_ids)
+    assert ledger_ok(stack, account.wallet_id)
+    assert wallet(stack, account.wallet_id).held_micro_usd == 0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,392 @@
+"""Group commit of job creation, driven directly on a real database of each backend.
+
+The jobs of one ``asyncio.gather`` reach the writer before its flusher task first
+runs, so they form one group: the tests check that with the writer's flush count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import Engine
+
+from broker.accounts import create_account
+from broker.db import async_session_factory, is_sqlite, make_async_engine, make_engine
+from broker.db import session_factory as sync_session_factory
+from broker.errors import InsufficientFunds
+from broker.group_commit import JobGroupCommit
+from broker.ids import new_id
+from broker.jobstore import DuplicateIdempotencyKey, format_usd
+from broker.ledger import check_wallet, top_up
+from broker.tables import Job, LedgerEntry, Wallet, utcnow
+
+# Seconds a test waits for a flush to reach the database before it fails.
+FLUSH_START_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Customer:
+    id: str
+    wallet_id: str
+
+
+@dataclass(frozen=True)
+class Request:
+    account: Customer
+    hold: int
+    idempotency_key: str | None = None
+
+
+def job_values(request: Request) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        "id": new_id("job"),
+        "account_id": request.account.id,
+        "api_key_id": None,
+        "endpoint": "/v1/chat/completions",
+        "model": "m",
+        "provider": "p",
+        "region": "us",
+        "lane": "interactive",
+        "status": "queued",
+        "request": {"messages": [{"role": "user", "content": "hi"}]},
+        "idempotency_key": request.idempotency_key,
+        "route": [],
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "input_price_micro_usd": 1_000_000,
+        "output_price_micro_usd": 2_000_000,
+        "hold_micro_usd": request.hold,
+        "created_at": now,
+        "deadline_at": now + timedelta(minutes=5),
+    }
+
+
+class Database:
+    """A migrated test database with a sync engine for set-up and checks."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url, pool_size=2)
+        self.sessions = sync_session_factory(self.engine)
+
+    def new_account(self, balance: int) -> Customer:
+        with self.sessions.begin() as session:
+            account, wallet = create_account(session, "group-commit")
+            if balance:
+                top_up(session, account.id, balance, note="test opening balance")
+        return Customer(account.id, wallet.id)
+
+    def held(self, account: Customer) -> int:
+        with self.sessions() as session:
+            return session.get(Wallet, account.wallet_id).held_micro_usd
+
+    def job_ids(self, account: Customer) -> set[str]:
+        with self.sessions() as session:
+            return set(session.scalars(select(Job.id).where(Job.account_id == account.id)))
+
+    def hold_entries(self, account: Customer) -> dict[str, int]:
+        """Return the account's hold ledger entries: job id to held amount."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(LedgerEntry.job_id, LedgerEntry.held_delta_micro_usd).where(
+                    LedgerEntry.wallet_id == account.wallet_id, LedgerEntry.kind == "hold"
+                )
+            ).all()
+        return {job_id: amount for job_id, amount in rows}
+
+    def ledger_ok(self, account: Customer) -> bool:
+        with self.sessions() as session:
+            return check_wallet(session, account.wallet_id).ok
+
+    def jobs_with_key(self, account: Customer, key: str) -> int:
+        with self.sessions() as session:
+            return session.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.account_id == account.id, Job.idempotency_key == key)
+            )
+
+    async def wait_blocked(self, writer: JobGroupCommit, waiters: int) -> None:
+        """Wait until ``writer`` has started a flush and, on PostgreSQL, until
+        ``waiters`` transactions of this database wait for a lock."""
+        await wait_until(lambda: writer.flushes >= 1, "a flush to start")
+        if not is_sqlite(self.url):
+            await wait_until(lambda: self.lock_waiters() == waiters, f"{waiters} lock waiters")
+
+    def lock_waiters(self) -> int:
+        with self.engine.connect() as connection:
+            return connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+
+    @contextmanager
+    def writes_blocked(self, wallet_id: str) -> Iterator[None]:
+        """Hold the lock a group transaction needs first until the block ends.
+
+        SQLite: the database's write lock (BEGIN IMMEDIATE). PostgreSQL: the wallet's row.
+        """
+        with self.engine.connect() as connection:
+            transaction = connection.begin()
+            if not is_sqlite(self.url):
+                connection.execute(
+                    select(Wallet.id).where(Wallet.id == wallet_id).with_for_update()
+                )
+            try:
+                yield
+            finally:
+                transaction.rollback()
+
+
+@pytest.fixture
+def database(migrated_database: str) -> Iterator[Database]:
+    database = Database(migrated_database)
+    yield database
+    database.engine.dispose()
+
+
+def run_with_writers(url: str, count: int, scenario: Callable[..., Awaitable[Any]]) -> Any:
+    """Run ``scenario(*writers)`` with ``count`` writers, each on its own async engine
+    (as separate API processes have)."""
+
+    async def main() -> Any:
+        engines = [make_async_engine(url, pool_size=4) for _ in range(count)]
+        try:
+            return await scenario(*(JobGroupCommit(async_session_factory(e)) for e in engines))
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    return asyncio.run(main())
+
+
+async def submit_all(writer: JobGroupCommit, requests: list[Request]) -> list[Any]:
+    """Create the jobs concurrently; returns each job's id or the exception it raised."""
+    values = [job_values(request) for request in requests]
+    outcomes = await asyncio.gather(
+        *(
+            writer.create_job(wallet_id=request.account.wallet_id, hold=request.hold, values=v)
+            for request, v in zip(requests, values, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    return [
+        v["id"] if outcome is None else outcome for v, outcome in zip(values, outcomes, strict=True)
+    ]
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FLUSH_START_TIMEOUT_S
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {FLUSH_START_TIMEOUT_S:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_group_holds_what_each_wallet_covers(database: Database) -> None:
+    rich = database.new_account(10_000)
+    partial = database.new_account(400)
+    empty = database.new_account(0)
+    # In arrival order the partial wallet covers 100 and 250, not 100 (50 left), then
+    # 50, and not 200.
+    partial_holds = [100, 250, 100, 50, 200]
+    requests = [
+        Request(rich, 1_000),
+        Request(partial, partial_holds[0]),
+        Request(empty, 10),
+        Request(partial, partial_holds[1]),
+        Request(rich, 2_000),
+        Request(partial, partial_holds[2]),
+        Request(empty, 20),
+        Request(partial, partial_holds[3]),
+        Request(rich, 3_000),
+        Request(partial, partial_holds[4]),
+    ]
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[Any], int]:
+        return await submit_all(writer, requests), writer.flushes
+
+    outcomes, flushes = run_with_writers(database.url, 1, scenario)
+
+    assert flushes == 1
+    by_account: dict[str, list[Any]] = {rich.id: [], partial.id: [], empty.id: []}
+    for request, outcome in zip(requests, outcomes, strict=True):
+        by_account[request.account.id].append(outcome)
+    assert all(isinstance(outcome, str) for outcome in by_account[rich.id])
+    assert all(isinstance(outcome, InsufficientFunds) for outcome in by_account[empty.id])
+    partial_created = [isinstance(outcome, str) for outcome in by_account[partial.id]]
+    assert partial_created == [True, True, False, True, False]
+
+    rejected_100 = by_account[partial.id][2]
+    assert rejected_100.status_code == 402
+    assert rejected_100.message == (
+        f"The wallet's available balance ({format_usd(50)}) cannot cover this request's "
+        f"worst-case cost ({format_usd(100)}). Top up the wallet or lower max_tokens."
+    )
+    assert format_usd(0) in by_account[partial.id][4].message
+
+    for account in (rich, partial, empty):
+        created = {o for o in by_account[account.id] if isinstance(o, str)}
+        holds = {
+            outcome: request.hold
+            for request, outcome in zip(requests, outcomes, strict=True)
+            if outcome in created
+        }
+        assert database.job_ids(account) == created
+        assert database.hold_entries(account) == holds
+        assert database.held(account) == sum(holds.values())
+        assert database.ledger_ok(account)
+    assert database.held(partial) == 400
+
+
+def test_group_duplicate_key_fails_alone(database: Database) -> None:
+    first = database.new_account(100_000)
+    second = database.new_account(100_000)
+    earlier = Request(first, 100, idempotency_key="key-used")
+    requests = [
+        Request(first, 200, idempotency_key="key-used"),
+        Request(first, 300),
+        Request(second, 400, idempotency_key="key-new"),
+        Request(second, 500),
+        Request(first, 600, idempotency_key="key-twice"),
+        Request(first, 700, idempotency_key="key-twice"),
+    ]
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[Any], list[Any], int, int]:
+        before = await submit_all(writer, [earlier])
+        return await submit_all(writer, requests), before, writer.flushes, writer.failed_flushes
+
+    outcomes, before, flushes, failed_flushes = run_with_writers(database.url, 1, scenario)
+
+    assert isinstance(before[0], str)
+    assert flushes == 2
+    # The duplicate rolls the group back, and each job is then created alone.
+    assert failed_flushes == 1
+    assert isinstance(outcomes[0], DuplicateIdempotencyKey)
+    assert all(isinstance(outcome, str) for outcome in outcomes[1:4])
+    twice = outcomes[4:]
+    assert sum(isinstance(o, str) for o in twice) == 1
+    assert sum(isinstance(o, DuplicateIdempotencyKey) for o in twice) == 1
+    assert database.jobs_with_key(first, "key-used") == 1
+    assert database.jobs_with_key(first, "key-twice") == 1
+
+    all_requests = [earlier, *requests]
+    all_outcomes = [before[0], *outcomes]
+    for account in (first, second):
+        holds = {
+            outcome: request.hold
+            for request, outcome in zip(all_requests, all_outcomes, strict=True)
+            if isinstance(outcome, str) and request.account == account
+        }
+        assert database.hold_entries(account) == holds
+        assert database.held(account) == sum(holds.values())
+        assert database.job_ids(account) == set(holds)
+        assert database.ledger_ok(account)
+
+
+def test_group_repeated_key_keeps_group(database: Database) -> None:
+    account = database.new_account(100_000)
+    other = database.new_account(100_000)
+    requests = [
+        Request(account, 100, idempotency_key="key-a"),
+        Request(other, 200),
+        Request(account, 300, idempotency_key="key-a"),
+    ]
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[Any], int]:
+        return await submit_all(writer, requests), writer.failed_flushes
+
+    outcomes, failed_flushes = run_with_writers(database.url, 1, scenario)
+
+    # The repeat waits for the group to commit and then fails alone.
+    assert failed_flushes == 0
+    assert isinstance(outcomes[0], str)
+    assert isinstance(outcomes[1], str)
+    assert isinstance(outcomes[2], DuplicateIdempotencyKey)
+    assert database.held(account) == 100
+    assert database.hold_entries(account) == {outcomes[0]: 100}
+    assert database.ledger_ok(account)
+
+
+def test_concurrent_flushes_share_wallets(database: Database) -> None:
+    # Two writers (two API processes) each bring 6 jobs of 100 to a wallet of 700 and
+    # 3 jobs of 100 to a wallet of 500, in opposite wallet order.
+    first_wallet = database.new_account(700)
+    second_wallet = database.new_account(500)
+    rich = [database.new_account(100_000), database.new_account(100_000)]
+    groups = [
+        [Request(first_wallet, 100)] * 6
+        + [Request(second_wallet, 100)] * 3
+        + [Request(rich[0], 1_000)] * 3,
+        [Request(second_wallet, 100)] * 3
+        + [Request(first_wallet, 100)] * 6
+        + [Request(rich[1], 1_000)] * 3,
+    ]
+
+    async def scenario(*writers: JobGroupCommit) -> list[list[Any]]:
+        runs = []
+        with database.writes_blocked(first_wallet.wallet_id):
+            # The first writer waits first, so it gets the blocked wallet first. Without
+            # a fixed wallet order it would then wait for the wallet the second writer
+            # locked, while the second writer waits for the blocked one: a deadlock.
+            for started, (writer, group) in enumerate(zip(writers, groups, strict=True), 1):
+                runs.append(asyncio.create_task(submit_all(writer, group)))
+                await database.wait_blocked(writer, started)
+            # Neither flush can finish while the lock is held, so both are in flight
+            # at once when it is released.
+            assert not any(run.done() for run in runs)
+        results = await asyncio.gather(*runs)
+        assert [writer.flushes for writer in writers] == [1, 1]
+        assert [writer.failed_flushes for writer in writers] == [0, 0]
+        return results
+
+    results = run_with_writers(database.url, 2, scenario)
+
+    for account, balance, covered in ((first_wallet, 700, 7), (second_wallet, 500, 5)):
+        outcomes = [
+            outcome
+            for group, group_outcomes in zip(groups, results, strict=True)
+            for request, outcome in zip(group, group_outcomes, strict=True)
+            if request.account == account
+        ]
+        assert sum(isinstance(o, str) for o in outcomes) == covered
+        assert sum(isinstance(o, InsufficientFunds) for o in outcomes) == len(outcomes) - covered
+        assert database.held(account) == balance
+        assert len(database.hold_entries(account)) == covered
+        assert database.ledger_ok(account)
+    for account in rich:
+        assert len(database.job_ids(account)) == 3
+        assert database.held(account) == 3_000
+        assert database.ledger_ok(account)
+
+
+def test_arrivals_during_flush_wait(database: Database) -> None:
+    account = database.new_account(100_000)
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[Any], list[Any], int]:
+        with database.writes_blocked(account.wallet_id):
+            first = asyncio.create_task(submit_all(writer, [Request(account, 100)]))
+            await database.wait_blocked(writer, 1)
+            rest = asyncio.create_task(submit_all(writer, [Request(account, 200)] * 4))
+            await wait_until(lambda: writer.pending == 4, "four pending jobs")
+            assert writer.flushes == 1
+        return await first, await rest, writer.flushes
+
+    first, rest, flushes = run_with_writers(database.url, 1, scenario)
+
+    assert isinstance(first[0], str)
+    assert all(isinstance(outcome, str) for outcome in rest)
+    assert flushes == 2
+    assert database.held(account) == 900
+    assert database.ledger_ok(account)
