@@ -30,7 +30,7 @@ from broker.errors import (
     PermissionDenied,
     ServiceUnavailable,
 )
-from broker.group_commit import JobGroupCommit
+from broker.grouped_intake import JobGroupCommit
 from broker.ids import new_id
 from broker.jobstore import (
     DuplicateIdempotencyKey,

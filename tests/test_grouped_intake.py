@@ -21,7 +21,7 @@ from broker.accounts import create_account
 from broker.db import async_session_factory, is_sqlite, make_async_engine, make_engine
 from broker.db import session_factory as sync_session_factory
 from broker.errors import InsufficientFunds
-from broker.group_commit import JobGroupCommit
+from broker.grouped_intake import JobGroupCommit
 from broker.ids import new_id
 from broker.jobstore import DuplicateIdempotencyKey, format_usd
 from broker.ledger import check_wallet, top_up
