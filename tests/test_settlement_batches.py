@@ -161,6 +161,10 @@ def test_group_commit_isolates_item_errors() -> None:
     assert group.submit(1) == 1
     with pytest.raises(ValueError, match="bad 2"):
         group.submit(2)
+    first, second, third = group.submit_all([1, 2, 3])
+    assert first == 1
+    assert isinstance(second, ValueError)
+    assert third == 3
 
     def broken(items: list[int]) -> list[int]:
         raise RuntimeError("database gone")

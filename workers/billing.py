@@ -89,8 +89,8 @@ def settle_job(job_id: str) -> None:
 
 @celery_app.task(name=SETTLE_JOBS_TASK)
 def settle_jobs(job_ids: list[str]) -> None:
-    """Settle several jobs in one transaction; jobs already settled are skipped."""
-    results = settle_each(job_ids)
+    """Settle several jobs, with those of other settle tasks running at the same time."""
+    results = _settlements.submit_all(job_ids)
     failed = [
         job_id
         for job_id, result in zip(job_ids, results, strict=True)

@@ -50,18 +50,25 @@ class GroupCommit(Generic[Item, Result]):
         self._writer_running = False
 
     def submit(self, item: Item) -> Result:
-        slot: _Slot[Item, Result] = _Slot(item)
+        """Write ``item`` with the next batch and return its result."""
+        result = self.submit_all([item])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def submit_all(self, items: list[Item]) -> list[Result | BaseException]:
+        """Write ``items`` with the next batches; return each one's result or exception."""
+        slots: list[_Slot[Item, Result]] = [_Slot(item) for item in items]
         with self._lock:
-            self._pending.append(slot)
+            self._pending.extend(slots)
             if self._writer_running:
                 self._lock.notify()
             else:
                 self._writer_running = True
                 threading.Thread(target=self._run, name=self._name, daemon=True).start()
-        slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        return slot.result  # type: ignore[return-value]
+        for slot in slots:
+            slot.done.wait()
+        return [slot.error if slot.error is not None else slot.result for slot in slots]  # type: ignore[misc]
 
     def _run(self) -> None:
         while True:
