@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,6 +17,11 @@ from broker.settings import Settings, get_settings
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
 CONNECT_TIMEOUT_S = 10.0
+# Calls in flight per HTTP client, on average. httpcore 1.0 scans every connection of a
+# pool, polling each idle socket, whenever a request starts or ends, so one pool of
+# hundreds of connections costs more CPU per call than the call itself. Calls are
+# spread over several clients so that each pool stays small.
+CALLS_PER_CLIENT = 32
 
 
 @dataclass
@@ -24,8 +30,13 @@ class WorkerContext:
     catalog: Catalog
     sessions: sessionmaker[Session]
     redis: redis.Redis
-    http: httpx.Client
+    http_clients: list[httpx.Client]
     gate: ProviderGate
+
+    @property
+    def http(self) -> httpx.Client:
+        """Return one of the process's HTTP clients, picked at random per call."""
+        return random.choice(self.http_clients)
 
     def provider_key(self, provider_id: str) -> str | None:
         secret = self.settings.provider_keys.get(provider_id)
@@ -37,10 +48,18 @@ def get_context() -> WorkerContext:
     """Build the context on first use, inside the worker process (after any fork)."""
     settings = get_settings()
     slots = max(settings.worker_concurrency, 10)
-    http = httpx.Client(
-        timeout=httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
-        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
-    )
+    clients = max(1, slots // CALLS_PER_CLIENT)
+    # Any client may carry every call at once, so none queues while others are free;
+    # each keeps about its share of connections alive between calls.
+    http_clients = [
+        httpx.Client(
+            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
+            limits=httpx.Limits(
+                max_connections=slots, max_keepalive_connections=2 * CALLS_PER_CLIENT
+            ),
+        )
+        for _ in range(clients)
+    ]
     client = redis.Redis.from_url(settings.redis_url)
     # A slot outlives the longest job, so only a crashed worker's slots time out.
     gate = ProviderGate(
@@ -57,6 +76,6 @@ def get_context() -> WorkerContext:
             )
         ),
         redis=client,
-        http=http,
+        http_clients=http_clients,
         gate=gate,
     )
