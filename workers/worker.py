@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any
 
+import gevent
 from celery.signals import task_received, worker_ready, worker_shutdown
 
 from broker.metrics import mark_process_dead, start_worker_metrics_server
@@ -58,7 +59,12 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 def _on_received(request: Any = None, **_: Any) -> None:
     if request is None or request.task_name != RUN_JOB_TASK:
         return
-    spec = request.kwargs
+    # In its own greenlet: this handler runs in the consumer's loop, which would
+    # otherwise wait for the round trip to Redis before it takes the next message.
+    gevent.spawn(_lease_on_receipt, request.kwargs)
+
+
+def _lease_on_receipt(spec: dict[str, Any]) -> None:
     try:
         claim_lease(get_context(), spec["job_id"], spec["region"], spec["deadline"])
     except Exception:  # noqa: BLE001  (the task claims the lease again when it starts)
