@@ -50,10 +50,7 @@ class CircuitBreaker:
 
     def state(self, target: str) -> str:
         """Return ``closed``, ``open`` or ``half_open``."""
-        is_open, tripped = self.client.mget(_key(target, "open"), _key(target, "tripped"))
-        if is_open:
-            return "open"
-        return "half_open" if tripped else "closed"
+        return state_from(*self.client.mget(state_keys(target)))
 
     def allow(self, target: str) -> bool:
         """Return whether a call to ``target`` may go out now (taking the probe if half-open)."""
@@ -105,6 +102,19 @@ class CircuitBreaker:
     def unavailable(self, targets: list[tuple[str, str]]) -> set[tuple[str, str]]:
         """Return the (provider, region) pairs that are open or whose region has no worker."""
         return _unavailable(targets, self.client.mget(_lookup_keys(targets)))
+
+
+def state_keys(target: str) -> list[str]:
+    """Return the keys whose values ``state_from`` turns into a circuit's state, so a
+    caller can read them in a pipeline with other commands."""
+    return [_key(target, "open"), _key(target, "tripped")]
+
+
+def state_from(is_open: bytes | None, tripped: bytes | None) -> str:
+    """Return ``closed``, ``open`` or ``half_open`` from the values of ``state_keys``."""
+    if is_open:
+        return "open"
+    return "half_open" if tripped else "closed"
 
 
 def _lookup_keys(targets: list[tuple[str, str]]) -> list[str]:

@@ -96,11 +96,14 @@ def _attempt_row(
     }
 
 
-def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
+def call_target(
+    ctx: WorkerContext, spec: dict[str, Any], circuit_state: str | None = None
+) -> Outcome:
     """Call the job's current target until it succeeds, fails for good, or attempts run out.
 
     Each attempt is limited by the upstream timeout and by what is left of the job's
-    deadline; backoff sleeps never run past the deadline either.
+    deadline; backoff sleeps never run past the deadline either. ``circuit_state`` is the
+    target's circuit state if the caller has just read it; later attempts read it again.
     """
     breaker = CircuitBreaker(ctx.redis)
     circuit = target_name(spec["provider"], spec["region"])
@@ -117,7 +120,7 @@ def call_target(ctx: WorkerContext, spec: dict[str, Any]) -> Outcome:
                 "The job's deadline passed before the provider answered."
             )
             return outcome
-        state = breaker.state(circuit)
+        state = circuit_state if attempt == 1 and circuit_state else breaker.state(circuit)
         if state == "open" or (state == "half_open" and not breaker.take_probe(circuit)):
             outcome.error = CircuitOpen(
                 f"The circuit for {circuit} is open after repeated failures."

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from broker.catalog import queue_name
-from broker.circuits import CircuitBreaker
+from broker.circuits import CircuitBreaker, state_from, state_keys, target_name
 from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
@@ -252,7 +252,8 @@ def run_job(self: Task, **spec: Any) -> None:
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.exists(done_key(job_id))
     pipe.get(lease_key(job_id))
-    done, lease = pipe.execute()
+    pipe.mget(state_keys(target_name(spec["provider"], spec["region"])))
+    done, lease, circuit = pipe.execute()
     if done:
         logger.info("job %s is already done; dropping a repeated delivery", job_id)
         return
@@ -271,7 +272,7 @@ def run_job(self: Task, **spec: Any) -> None:
     )
     try:
         with job_in_flight(spec["region"]):
-            outcome = call_target(ctx, spec)
+            outcome = call_target(ctx, spec, state_from(*circuit))
         if outcome.error is not None and outcome.error.failover:
             index = next_target(ctx, spec)
             if index is not None:
