@@ -21,6 +21,7 @@ import openai
 from sqlalchemy import func, select
 
 from bench import procstat
+from bench.inflight import first_log_error
 from bench.load import LoadResult, run_sync_load
 from bench.settlement import STALL_TIMEOUT_S
 from bench.stack import BenchError, BenchStack
@@ -349,15 +350,11 @@ def _run_batch(
 
 
 def _first_worker_error(stack: BenchStack) -> str:
-    """Return the first CRITICAL or ERROR line of the us and billing workers' logs."""
+    """Name the first CRITICAL or ERROR line of the us and billing workers' logs."""
     for name in ("worker-us", "billing"):
-        path = stack.group.log_dir / f"{name}.log"
-        if not path.exists():
-            continue
-        with path.open(errors="replace") as handle:
-            for line in handle:
-                if "CRITICAL/" in line or "ERROR/" in line:
-                    return f"First error in {path}: {line.strip()}"
+        line = first_log_error(stack, name)
+        if line:
+            return f"First error in the {name} log: {line}"
     return "The us and billing worker logs show no error."
 
 

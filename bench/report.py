@@ -607,6 +607,13 @@ def in_flight_section(scale: dict[str, Any] | None) -> list[str]:
         "worker RSS at peak",
         "RSS per call in flight",
     )
+    if row.get("problems"):
+        lines += [
+            f"**Failed**: {'; '.join(row['problems'])}. First error in the worker's log: "
+            f"`{row.get('first_worker_error') or 'none'}`. The figures below show how far "
+            "the run got.",
+            "",
+        ]
     lines += _table(headers, body)
     statuses = ", ".join(f"{count:,} {status}" for status, count in row["statuses"].items())
     simulator = ", ".join(

@@ -608,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.profile_only or args.litellm_only):
             scale = measure_scale(plan, args, workdir)
             _save("scale", scale)
-            failed = "error" in scale["batch"]
+            failed = bool(scale["in_flight"]["problems"]) or "error" in scale["batch"]
         if args.with_litellm or args.litellm_only:
             _save("litellm", measure_litellm(plan, args, workdir))
     except KeyboardInterrupt:
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_PAGE.write_text(report.render(broker, litellm, _load("profile"), _load("scale")))
     log(f"wrote {RESULTS_PAGE.relative_to(PROJECT_DIR)}")
     if failed:
-        log("error: the batch measurement failed; its section of the page says why")
+        log("error: a scale measurement failed; its section of bench/RESULTS.md says why")
         return 1
     return 0
 
