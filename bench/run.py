@@ -105,7 +105,7 @@ class Plan:
     drain_max_s: float
     # Streamed requests sent per concurrency.
     stream_requests: dict[int, int]
-    # Jobs that one us worker runs at once against a simulator answering after 2 s, and
+    # Jobs that one us worker runs at once against a simulator responding after 2 s, and
     # the maximum seconds to wait for them to finish.
     in_flight_calls: int
     in_flight_wait_max_s: float
