@@ -415,8 +415,9 @@ def render(
     broker: dict[str, Any] | None,
     litellm: dict[str, Any] | None,
     profile: dict[str, Any] | None = None,
+    scale: dict[str, Any] | None = None,
 ) -> str:
-    """Return the results page for the latest broker, LiteLLM and profile runs."""
+    """Return the results page for the latest broker, LiteLLM, profile and scale runs."""
     main = broker or litellm
     if main is None:
         raise ValueError("no broker or LiteLLM results to render: run bench/run.py first")
@@ -512,6 +513,14 @@ def render(
         "",
         *billing_section(broker.get("billing", [])),
         "",
+        "## e. Upstream calls in flight in one worker",
+        "",
+        *in_flight_section(scale),
+        "",
+        "## f. A large batch, and interactive latency beside it",
+        "",
+        *batch_section(scale),
+        "",
         "## LiteLLM reference",
         "",
         *litellm_section(litellm),
@@ -524,3 +533,248 @@ def render(
     if broker.get("notes"):
         lines += ["## Notes", "", *(f"- {note}" for note in broker["notes"]), ""]
     return "\n".join(lines)
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:,.0f} MiB"
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def _limits(pair: Sequence[int]) -> str:
+    return f"{pair[0]:,} and {pair[1]:,}"
+
+
+def _api_limit_sentence(row: Row) -> str:
+    """Say whether one API process, creating jobs at its measured rate, caps the calls."""
+    submit = row["submit"]
+    latency_s = row["upstream_latency_ms"] / 1000
+    reachable = submit["jobs_per_s"] * latency_s
+    text = (
+        f"The API created the jobs at {submit['jobs_per_s']:,.0f} per second (p50 "
+        f"{submit['latency_ms']['p50']:,.1f} ms, p99 {submit['latency_ms']['p99']:,.1f} ms per "
+        f"request). Jobs arriving at that rate, not from a queue, would keep about "
+        f"{reachable:,.0f} calls in flight (rate × {latency_s:g} s). "
+    )
+    if reachable < row["calls"]:
+        return text + (
+            f"That is fewer than {row['calls']:,}, so in steady operation the single API "
+            "process, not the worker, sets the limit."
+        )
+    return text + "That is enough to fill the worker, so the API is not the limit here."
+
+
+def in_flight_section(scale: dict[str, Any] | None) -> list[str]:
+    if scale is None:
+        return ["Not measured yet: run `.venv/bin/python bench/run.py --scale-only`."]
+    row = scale["in_flight"]
+    submit = row["submit"]
+    files = row["open_files"]
+    opened = scale["open_files"]
+    lines = [
+        f"Measured {scale['finished_at']} with `{scale['command']}`, on a system of its own. "
+        f"The us worker ran with {row['calls']:,} greenlets (`--concurrency` and "
+        "`BROKER_WORKER_CONCURRENCY`, which sizes its httpx pool), and both simulators "
+        f"answered after {row['upstream_latency_ms']:,} ms. The worker stopped consuming its "
+        f"interactive queue while a client process (bench/pyload.py, {submit['concurrency']} "
+        f"connections) created {row['calls']:,} jobs with `POST /v1/jobs`, each pinned to "
+        "region us. Then it consumed the queue again and took them all. The peaks are "
+        "sampled every 0.25 s: the worker's `broker_jobs_in_flight` gauge and the "
+        "simulator's `in_flight` from `/_sim/stats`.",
+        "",
+    ]
+    body = [
+        (
+            f"{row['calls']:,}",
+            f"{row['peak_worker_gauge']:,}",
+            f"{row['peak_simulator_in_flight']:,}",
+            f"{row['elapsed_s']:.1f}",
+            f"{row['not_succeeded']:,}",
+            _mib(row["worker_rss_kib"]["before"]),
+            _mib(row["worker_rss_kib"]["at_peak"]),
+            f"{row['rss_per_call_kib']:,.0f} KiB",
+        )
+    ]
+    headers = (
+        "jobs",
+        "peak in flight, worker gauge",
+        "peak in flight, simulator",
+        "s from resume to last job finished",
+        "jobs not succeeded",
+        "worker RSS before",
+        "worker RSS at peak",
+        "RSS per call in flight",
+    )
+    if row.get("problems"):
+        lines += [
+            f"**Failed**: {'; '.join(row['problems'])}. First error in the worker's log: "
+            f"`{row.get('first_worker_error') or 'none'}`. The figures below show how far "
+            "the run got.",
+            "",
+        ]
+    lines += _table(headers, body)
+    statuses = ", ".join(f"{count:,} {status}" for status, count in row["statuses"].items())
+    simulator = ", ".join(
+        f"{count:,} × {code}" for code, count in row["simulator"]["by_status"].items()
+    )
+    lines += [
+        "",
+        f"Checks: jobs by status {statuses}; {row['settled']:,} of {row['calls']:,} settled; "
+        f"the wallet matches its ledger ({row['wallet']['matches_ledger']}) with "
+        f"{row['wallet']['held_micro_usd']} micro-USD still held; the simulator answered "
+        f"{row['simulator']['requests']:,} requests ({simulator}).",
+        "",
+        _api_limit_sentence(row),
+        "",
+        f"Open files: about {files['needed_estimate']:,} needed (one socket per call plus "
+        f"a margin). Soft and hard limits: worker {_limits(files['worker_limit'])}, simulator "
+        f"{_limits(files['simulator_limit'])}; at most {files['worker_peak']:,} open in the "
+        "worker and "
+        f"{files['simulator_peak']:,} in the simulator. "
+        + (
+            f"The benchmark raised its own soft limit from {opened['soft']:,} to "
+            f"{opened['raised_to']:,} before starting the system, which its processes inherit."
+            if opened["raised"]
+            else f"The soft limit ({opened['soft']:,}) was already high enough, so the "
+            "benchmark left it alone."
+        ),
+    ]
+    if row.get("sample_failures"):
+        lines[-1] += (
+            f" {row['sample_failures']} samples of the gauge failed (first: "
+            f"{row['first_sample_failure']})."
+        )
+    return lines
+
+
+def batch_section(scale: dict[str, Any] | None) -> list[str]:
+    if scale is None:
+        return ["Not measured yet: run `.venv/bin/python bench/run.py --scale-only`."]
+    batch = scale["batch"]
+    settings = scale["settings"]
+    if "error" in batch:
+        return [
+            f"**Failed** with {batch['requests']:,} requests, so no figures were recorded: "
+            f"{batch['error']}"
+        ]
+    counts = batch["request_counts"]
+    at_stop = batch["at_stop"]
+    lines = [
+        f"{batch['requests']:,} chat requests in OpenAI's batch format "
+        f"({batch['input_bytes'] / 1e6:,.1f} MB), uploaded with the `openai` SDK "
+        "(`files.create`, `batches.create`), upstream latency 0. The billing worker runs "
+        "the batches queue, so it validates the file and creates the jobs; the API only "
+        f"stores the upload. At most {settings['batch_max_in_flight']} jobs of a batch are "
+        "published at once, and each settlement publishes the next, so the billing worker "
+        "paces the batch. Times come from the batch's status timestamps.",
+        "",
+    ]
+    body = [
+        (
+            f"{batch['upload_s']:.1f}",
+            _seconds(batch["validating_s"]),
+            _seconds(batch["all_jobs_created_after_s"]),
+            _seconds(batch["in_progress_s"]),
+            _seconds(batch["finalizing_s"]),
+            _seconds(batch["created_to_end_s"]),
+            "n/a" if batch["jobs_per_s"] is None else f"{batch['jobs_per_s']:,.0f}",
+            batch["final_status"],
+        )
+    ]
+    headers = (
+        "upload s",
+        "validating to in_progress s",
+        "in_progress to all jobs created s",
+        "in_progress to finalizing s",
+        "finalizing to end s",
+        "created to end s",
+        "completed jobs/s while in progress",
+        "final status",
+    )
+    lines += _table(headers, body)
+    if at_stop["outcome"] != "done":
+        reason = (
+            f"it was still running after the cap of {scale['plan']['batch_wait_max_s']:g} s"
+            if at_stop["outcome"] == "cap"
+            else "no request finished for 120 s"
+        )
+        lines += [
+            "",
+            f"**Cancelled**, because {reason}: {at_stop['completed']:,} requests had completed "
+            f"and {at_stop['failed']:,} failed after {at_stop['seconds_in_progress']:,.0f} s in "
+            "progress.",
+        ]
+    rss = batch["rss_kib"]
+    lines += [
+        "",
+        "Resident memory (sampled every 0.25 s; the lifetime peak is the kernel's VmHWM):",
+        "",
+        *_table(
+            (
+                "process",
+                "before the upload",
+                "after the upload",
+                "max while the batch ran",
+                "lifetime peak",
+            ),
+            (
+                (
+                    name,
+                    _mib(r["before"]),
+                    _mib(r["after_upload"]),
+                    _mib(r["max"]),
+                    _mib(r["lifetime_peak"]),
+                )
+                for name, r in rss.items()
+            ),
+        ),
+        "",
+        f"Checks: request_counts {counts['completed']:,} completed + {counts['failed']:,} "
+        f"failed of {counts['total']:,}; the output file has {batch['output_lines']:,} lines "
+        f"with distinct custom_ids from the input ({batch['output_custom_ids_match']}) and "
+        f"{batch['output_non_200']} non-200 responses; {batch['account_jobs']['total']:,} jobs "
+        f"of the account, {batch['account_jobs']['never_settled']} never settled; the wallet "
+        f"matches its ledger ({batch['wallet']['matches_ledger']}) with "
+        f"{batch['wallet']['held_micro_usd']} micro-USD still held.",
+        "",
+    ]
+    interactive = batch["interactive"]
+    rows = [("no batch", interactive["baseline"]), ("batch in progress", interactive["during"])]
+    lines += [
+        f"Synchronous chat completions at concurrency {interactive['concurrency']} (wrk, "
+        f"{scale['plan']['run_warmup_s']:g} s warm-up and {interactive['duration_s']:g} s "
+        "counted; latencies over the whole run), first with no batch and then while the "
+        "batch was in progress"
+        + (
+            "."
+            if interactive["batch_ran_throughout"]
+            else ", though the batch ended before the run did."
+        ),
+        "",
+        *_table(
+            (
+                "interactive load",
+                "requests/s",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "non-2xx",
+                "socket errors",
+            ),
+            (
+                (
+                    label,
+                    f"{r['requests_per_s']:,.0f}",
+                    f"{r['p50_ms']:,.1f}",
+                    f"{r['p90_ms']:,.1f}",
+                    f"{r['p99_ms']:,.1f}",
+                    str(r["non2xx"]),
+                    str(r["socket_errors"]),
+                )
+                for label, r in rows
+            ),
+        ),
+    ]
+    return lines

@@ -3,10 +3,11 @@
     .venv/bin/python bench/run.py                  # three rounds per measurement
     .venv/bin/python bench/run.py --quick          # one short round, about two minutes
     .venv/bin/python bench/run.py --litellm-only   # only the LiteLLM reference matrix
+    .venv/bin/python bench/run.py --scale-only     # only calls in flight and batch scale
 
-Each run stores its raw figures in bench/results/ (broker.json, litellm.json) and
-renders bench/RESULTS.md from the latest of both. Every process it starts is stopped,
-and its database dropped, when it ends, fails or is interrupted.
+Each run stores its raw figures in bench/results/ (broker.json, scale.json,
+litellm.json) and renders bench/RESULTS.md from the latest of each. Every process it
+starts is stopped, and its database dropped, when it ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ if sys.path and Path(sys.path[0]).resolve() == PROJECT_DIR / "bench":
 elif str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
-from bench import environment, report  # noqa: E402
+from bench import environment, procstat, report  # noqa: E402
+from bench.batch_scale import measure_batch  # noqa: E402
 from bench.cpu_profile import profile_under_load  # noqa: E402
+from bench.inflight import file_descriptors_needed, measure_in_flight  # noqa: E402
 from bench.litellm_proxy import (  # noqa: E402
     LiteLLMUnavailable,
     installed_version,
@@ -102,6 +105,15 @@ class Plan:
     drain_max_s: float
     # Streamed requests sent per concurrency.
     stream_requests: dict[int, int]
+    # Jobs that one us worker runs at once against a simulator responding after 2 s, and
+    # the maximum seconds to wait for them to finish.
+    in_flight_calls: int
+    in_flight_wait_max_s: float
+    # Lines of the batch input file, the seconds of each interactive run beside it, and
+    # the maximum seconds to wait, once it is in progress, before it is cancelled.
+    batch_requests: int
+    batch_interactive_s: float
+    batch_wait_max_s: float
 
 
 QUICK = Plan(
@@ -114,6 +126,11 @@ QUICK = Plan(
     profile_duration_s=10,
     drain_max_s=120,
     stream_requests={1: 20, 50: 200},
+    in_flight_calls=1000,
+    in_flight_wait_max_s=120,
+    batch_requests=10_000,
+    batch_interactive_s=5,
+    batch_wait_max_s=300,
 )
 FULL = Plan(
     rounds=3,
@@ -125,6 +142,11 @@ FULL = Plan(
     profile_duration_s=20,
     drain_max_s=300,
     stream_requests={1: 50, 50: 500},
+    in_flight_calls=5000,
+    in_flight_wait_max_s=300,
+    batch_requests=100_000,
+    batch_interactive_s=10,
+    batch_wait_max_s=1200,
 )
 
 
@@ -352,6 +374,75 @@ def measure_broker(plan: Plan, args: argparse.Namespace, workdir: Path) -> dict[
     }
 
 
+def measure_scale(plan: Plan, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Measure calls in flight in one worker, then a large batch, each on a fresh system."""
+    load_start = environment.load_average()
+    connections_start = postgres_connections()
+    calls = plan.in_flight_calls
+    try:
+        # Before the system starts, so that the worker and the simulator inherit it.
+        open_files = procstat.raise_open_files_limit(file_descriptors_needed(calls))
+    except ValueError as exc:
+        raise BenchError(str(exc)) from exc
+    if open_files["raised"]:
+        log(f"raised the open-files limit from {open_files['soft']} to {open_files['raised_to']}")
+    log("starting a system for the calls in flight")
+    with running_stack(workdir / "in-flight", args.api_workers) as stack:
+        in_flight = measure_in_flight(
+            stack,
+            REQUEST_BODY,
+            calls=calls,
+            max_wait_s=plan.in_flight_wait_max_s,
+            workdir=workdir / "in-flight",
+            log=log,
+        )
+        peak_connections = stack.connections.peak_total
+    body = _write_body(workdir / "batch" / "body.json", REQUEST_BODY)
+    log("starting a fresh system for the batch")
+    with running_stack(workdir / "batch", args.api_workers) as stack:
+        settings = {
+            "api_workers": args.api_workers,
+            "worker_concurrency": stack.settings.worker_concurrency,
+            "batch_max_in_flight": stack.settings.batch_max_in_flight,
+            "batch_chunk_size": stack.settings.batch_chunk_size,
+        }
+        try:
+            batch = measure_batch(
+                stack,
+                REQUEST_BODY,
+                body,
+                requests=plan.batch_requests,
+                interactive_s=plan.batch_interactive_s,
+                warmup_s=plan.run_warmup_s,
+                max_wait_s=plan.batch_wait_max_s,
+                workdir=workdir / "batch",
+                log=log,
+            )
+        except BenchError as exc:
+            # The figures of the calls in flight stay valid, so they are stored with it.
+            log(f"error: {exc}")
+            batch = {"requests": plan.batch_requests, "error": str(exc)}
+        peak_connections = max(peak_connections, stack.connections.peak_total)
+    return {
+        "kind": "scale",
+        "quick": args.quick,
+        "plan": asdict(plan),
+        "finished_at": _now(),
+        "command": _command_line(),
+        "machine": environment.machine(),
+        "load_average": {"start": load_start, "end": environment.load_average()},
+        "postgres_connections": {
+            "start": connections_start,
+            "end": postgres_connections(),
+            "peak_server": peak_connections,
+        },
+        "open_files": open_files,
+        "settings": settings,
+        "in_flight": in_flight,
+        "batch": batch,
+    }
+
+
 def measure_profile(plan: Plan, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Profile the broker's processes under synchronous load; return the top frames."""
     body = _write_body(workdir / "body.json", REQUEST_BODY)
@@ -465,6 +556,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "py-spy; keep the stored broker figures",
     )
     scope.add_argument(
+        "--scale-only",
+        action="store_true",
+        help="only measure calls in flight in one worker and a large batch; keep the "
+        "other stored figures",
+    )
+    scope.add_argument(
         "--litellm-only",
         action="store_true",
         help="measure only the LiteLLM proxy and the simulator; keep the stored broker figures",
@@ -472,20 +569,46 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--api-workers", type=int, default=1, help="uvicorn processes of the broker's API"
     )
+    parser.add_argument(
+        "--in-flight-calls",
+        type=int,
+        help="jobs run at once in the calls-in-flight measurement (default: 1000 with "
+        "--quick, else 5000)",
+    )
+    parser.add_argument(
+        "--batch-requests",
+        type=int,
+        help="lines of the batch input file (default: 10000 with --quick, else 100000)",
+    )
     return parser.parse_args(argv)
+
+
+def choose_plan(args: argparse.Namespace) -> Plan:
+    """Return the quick or full plan, with the sizes given on the command line."""
+    plan = QUICK if args.quick else FULL
+    if args.in_flight_calls is not None:
+        plan = replace(plan, in_flight_calls=args.in_flight_calls)
+    if args.batch_requests is not None:
+        plan = replace(plan, batch_requests=args.batch_requests)
+    return plan
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    plan = QUICK if args.quick else FULL
+    plan = choose_plan(args)
+    failed = False
     workdir = PROJECT_DIR / "var" / "bench" / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     signal.signal(signal.SIGTERM, _raise_interrupt)
     log(f"logs and request bodies in {workdir}")
     try:
         if args.profile_only:
             _save("profile", measure_profile(plan, args, workdir))
-        elif not args.litellm_only:
+        elif not (args.litellm_only or args.scale_only):
             _save("broker", measure_broker(plan, args, workdir))
+        if not (args.profile_only or args.litellm_only):
+            scale = measure_scale(plan, args, workdir)
+            _save("scale", scale)
+            failed = bool(scale["in_flight"]["problems"]) or "error" in scale["batch"]
         if args.with_litellm or args.litellm_only:
             _save("litellm", measure_litellm(plan, args, workdir))
     except KeyboardInterrupt:
@@ -498,8 +621,11 @@ def main(argv: list[str] | None = None) -> int:
     if broker is None and litellm is None:
         log("no broker or LiteLLM figures stored yet, so bench/RESULTS.md is not written")
         return 0
-    RESULTS_PAGE.write_text(report.render(broker, litellm, _load("profile")))
+    RESULTS_PAGE.write_text(report.render(broker, litellm, _load("profile"), _load("scale")))
     log(f"wrote {RESULTS_PAGE.relative_to(PROJECT_DIR)}")
+    if failed:
+        log("error: a scale measurement failed; its section of bench/RESULTS.md says why")
+        return 1
     return 0
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, func, select
 
 from broker.accounts import create_account, create_api_key
 from broker.db import make_engine, session_factory
-from broker.ledger import top_up
+from broker.ledger import WalletCheck, check_wallet, top_up
 from broker.migrate import upgrade
 from broker.processes import ProcessGroup, broker_command, free_port
 from broker.settings import Settings
@@ -236,6 +236,21 @@ class BenchStack:
             total, finished, settled = connection.execute(query).one()
         return JobCounts(total, finished, settled)
 
+    def job_statuses(self, account_id: str) -> dict[str, int]:
+        """Return the number of the account's jobs in each status."""
+        query = (
+            select(Job.status, func.count())
+            .where(Job.account_id == account_id)
+            .group_by(Job.status)
+        )
+        with self.engine.connect() as connection:
+            return {status: count for status, count in connection.execute(query).all()}
+
+    def wallet_check(self, wallet_id: str) -> WalletCheck:
+        """Compare the wallet's balance and held amount with the sums of its ledger."""
+        with session_factory(self.engine)() as session:
+            return check_wallet(session, wallet_id)
+
     def check_processes(self) -> None:
         """Raise BenchError if any process of the system has exited."""
         for name, process in self.group.processes.items():
@@ -318,30 +333,45 @@ class BenchStack:
         is used instead of a restart, since a restarted process would load whatever code
         is on disk by then and its start-up would count as settling time.
         """
-        replies = self._control("cancel_consumer", reply=True, timeout=CONTROL_TIMEOUT_S)
-        nodes = [node for reply in replies for node in reply]
-        billing = [node for node in nodes if node.startswith(BILLING_NODE_PREFIX)]
-        if not billing:
-            raise BenchError(
-                f"the billing worker did not respond to cancel_consumer within "
-                f"{CONTROL_TIMEOUT_S:g} s; answers: {replies}"
-            )
-        return billing[0]
+        return self.pause_queue("billing", BILLING_NODE_PREFIX)
 
     def resume_billing(self, node: str) -> None:
         """Make the billing worker ``node`` take settle tasks again (``add_consumer``)."""
+        self.resume_queue("billing", node)
+
+    def pause_queue(self, queue: str, node_prefix: str) -> str:
+        """Make the worker whose node name starts with ``node_prefix`` stop consuming
+        ``queue`` (Celery's ``cancel_consumer``, sent to every worker); return its node name.
+        """
+        replies = self._control("cancel_consumer", queue, reply=True, timeout=CONTROL_TIMEOUT_S)
+        nodes = [node for reply in replies for node in reply]
+        matching = [node for node in nodes if node.startswith(node_prefix)]
+        if not matching:
+            raise BenchError(
+                f"no worker named {node_prefix}* responded to cancel_consumer {queue!r} within "
+                f"{CONTROL_TIMEOUT_S:g} s; answers: {replies}"
+            )
+        return matching[0]
+
+    def resume_queue(self, queue: str, node: str) -> None:
+        """Make the worker ``node`` consume ``queue`` again (``add_consumer``)."""
         replies = self._control(
-            "add_consumer", destination=[node], reply=True, limit=1, timeout=CONTROL_TIMEOUT_S
+            "add_consumer",
+            queue,
+            destination=[node],
+            reply=True,
+            limit=1,
+            timeout=CONTROL_TIMEOUT_S,
         )
         if not replies:
             raise BenchError(
-                f"{node} did not respond to add_consumer within {CONTROL_TIMEOUT_S:g} s"
+                f"{node} did not respond to add_consumer {queue!r} within {CONTROL_TIMEOUT_S:g} s"
             )
 
-    def _control(self, command: str, **options: object) -> list[dict[str, object]]:
+    def _control(self, command: str, queue: str, **options: object) -> list[dict[str, object]]:
         app = Celery("bench-control", broker=self.settings.redis_url)
         try:
-            return getattr(app.control, command)("billing", **options) or []
+            return getattr(app.control, command)(queue, **options) or []
         finally:
             app.close()
 
@@ -357,6 +387,8 @@ def running_stack(workdir: Path, api_workers: int) -> Iterator[BenchStack]:
     redis_process, redis_url = start_private_redis(workdir / "redis")
     group = _new_group(workdir / "logs")
     group.env["BROKER_API_WORKERS"] = str(api_workers)
+    # Uploaded and generated files stay with the run's logs, not in the project's var/.
+    group.env["BROKER_FILE_STORE_PATH"] = str((workdir / "files").resolve())
     database_name = None
     engine = None
     sampler = None
