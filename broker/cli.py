@@ -143,6 +143,8 @@ def worker(
         {
             "BROKER_WORKER_POOL": region,
             "BROKER_WORKER_REGION": region,
+            # The process sizes its HTTP clients and Redis pool from the setting.
+            "BROKER_WORKER_CONCURRENCY": str(concurrency or settings.worker_concurrency),
             **({"BROKER_WORKER_METRICS_PORT": str(metrics_port)} if metrics_port else {}),
         },
     )
@@ -183,7 +185,10 @@ def billing_worker(
             "-l",
             settings.log_level,
         ],
-        {"BROKER_WORKER_POOL": "billing"},
+        {
+            "BROKER_WORKER_POOL": "billing",
+            "BROKER_BILLING_CONCURRENCY": str(concurrency or settings.billing_concurrency),
+        },
     )
 
 

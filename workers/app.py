@@ -13,7 +13,7 @@ from kombu.transport.redis import Channel as RedisChannel
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.uuid import uuid
 
-from broker.settings import get_settings
+from broker.settings import Settings, get_settings
 
 RUN_JOB_TASK = "broker.run_job"
 SETTLE_JOB_TASK = "broker.settle_job"
@@ -50,7 +50,13 @@ def make_celery() -> Celery:
         task_reject_on_worker_lost=True,
         # One reserved message per greenlet slot, so no slot's work waits behind another's.
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            # Every greenlet acknowledges its own task on kombu's connection pool, which
+            # raises instead of waiting when it is full. A full pool (kombu's default is
+            # 10) dropped the worker's broker connection when many tasks ended at once.
+            "max_connections": redis_connections(settings),
+        },
         broker_connection_retry_on_startup=True,
         task_default_queue=BILLING_QUEUE,
         task_send_sent_event=False,
@@ -59,6 +65,12 @@ def make_celery() -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def redis_connections(settings: Settings) -> int:
+    """Return the size of kombu's Redis pool: one per greenlet, and some for the
+    consumer, heartbeats and control messages."""
+    return max(settings.worker_concurrency, settings.billing_concurrency) + 32
 
 
 celery_app = make_celery()
