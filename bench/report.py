@@ -245,7 +245,8 @@ def billing_section(rows: Sequence[Row]) -> list[str]:
         "The billing worker stops taking settle tasks (Celery's `cancel_consumer`), wrk "
         f"sends synchronous requests at concurrency {first['concurrency']}, and every job "
         "finishes. Then the worker takes tasks again (`add_consumer`). The rate is taken "
-        "between the first and last `settled_at` (one transaction per job on PostgreSQL).",
+        "between the first and last `settled_at` on PostgreSQL. Settle tasks that run at "
+        "the same time share one transaction.",
         "",
     ]
     queues = [row["billing_queue"] for row in rows if "billing_queue" in row]
@@ -411,11 +412,55 @@ def _connections_line(results: dict[str, Any]) -> list[str]:
     return [line + "."]
 
 
+def before_after_section(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    """Compare the broker's medians with those of the run in broker-before.json."""
+    if before is None or after is None:
+        return ["No earlier run is stored in bench/results/broker-before.json."]
+    lines = [
+        f"`before` is the run stored in `bench/results/broker-before.json` (broker commit "
+        f"{before['versions'].get('broker commit', '?')}, "
+        f"{'quick' if before['quick'] else 'full'} run, {before['finished_at']}); `after` "
+        f"is this page's run (commit {after['versions'].get('broker commit', '?')}). Both "
+        "ran on this machine with the same request.",
+        "",
+    ]
+    body = []
+    old = _group(
+        [r for r in before["sync"] if r["target"] == "broker"], "latency_ms", "concurrency"
+    )
+    new = _group([r for r in after["sync"] if r["target"] == "broker"], "latency_ms", "concurrency")
+    for key in sorted(set(old) & set(new)):
+        latency, concurrency = key
+        body.append(
+            (
+                f"synchronous, upstream {latency} ms, concurrency {concurrency}",
+                f"{_median(old[key], 'requests_per_s'):,.0f} req/s, p50 "
+                f"{_median(old[key], 'p50_ms'):,.1f} ms",
+                f"{_median(new[key], 'requests_per_s'):,.0f} req/s, p50 "
+                f"{_median(new[key], 'p50_ms'):,.1f} ms",
+            )
+        )
+    for name, field, label in (
+        ("settled", "settled_per_s", "settled jobs/s end to end"),
+        ("billing", "settled_per_s", "billing settlements/s from a backlog"),
+    ):
+        if before.get(name) and after.get(name):
+            body.append(
+                (
+                    label,
+                    f"{_median(before[name], field):,.0f}",
+                    f"{_median(after[name], field):,.0f}",
+                )
+            )
+    return lines + _table(("measurement", "before", "after"), body)
+
+
 def render(
     broker: dict[str, Any] | None,
     litellm: dict[str, Any] | None,
     profile: dict[str, Any] | None = None,
     scale: dict[str, Any] | None = None,
+    before: dict[str, Any] | None = None,
 ) -> str:
     """Return the results page for the latest broker, LiteLLM, profile and scale runs."""
     main = broker or litellm
@@ -520,6 +565,10 @@ def render(
         "## f. A large batch, and interactive latency beside it",
         "",
         *batch_section(scale),
+        "",
+        "## Before and after the hot-path changes",
+        "",
+        *before_after_section(before, broker),
         "",
         "## LiteLLM reference",
         "",

@@ -621,7 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     if broker is None and litellm is None:
         log("no broker or LiteLLM figures stored yet, so bench/RESULTS.md is not written")
         return 0
-    RESULTS_PAGE.write_text(report.render(broker, litellm, _load("profile"), _load("scale")))
+    RESULTS_PAGE.write_text(
+        report.render(broker, litellm, _load("profile"), _load("scale"), _load("broker-before"))
+    )
     log(f"wrote {RESULTS_PAGE.relative_to(PROJECT_DIR)}")
     if failed:
         log("error: a scale measurement failed; its section of bench/RESULTS.md says why")
