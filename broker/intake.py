@@ -284,6 +284,7 @@ class Intake:
         try:
             await self._publish(spec, target)
         except (RedisError, OSError) as exc:
+            logger.warning("could not publish job %s: %s: %s", job_id, type(exc).__name__, exc)
             error = ServiceUnavailable(
                 "The job queue (Redis) is unreachable, so the request "
                 "was not run and nothing was charged. Resend it later."

@@ -16,6 +16,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from broker.redis_clients import async_client
 from workers.streaming import cancel_key
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ DRAIN_BATCH = 256
 CANCEL_TTL_S = 3600
 # Seconds to wait before reading again after Redis failed.
 REDIS_RETRY_DELAY_S = 0.5
+# Connections of an API process to Redis: the reply reader holds one, and requests
+# waiting on the others queue for a moment instead of failing.
+API_REDIS_CONNECTIONS = 256
 
 
 class ReplyListener:
@@ -35,7 +39,7 @@ class ReplyListener:
 
     def __init__(self, redis_url: str) -> None:
         self.channel = f"broker:reply:{uuid.uuid4().hex}"
-        self._redis = aioredis.Redis.from_url(redis_url)
+        self._redis = async_client(redis_url, API_REDIS_CONNECTIONS)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from broker.catalog import Catalog, load_catalog
 from broker.db import make_engine, session_factory
 from broker.ratelimit import ProviderGate, parse_provider_limits
+from broker.redis_clients import sync_client
 from broker.settings import Settings, get_settings
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
@@ -60,7 +61,8 @@ def get_context() -> WorkerContext:
         )
         for _ in range(clients)
     ]
-    client = redis.Redis.from_url(settings.redis_url)
+    # One connection per greenlet at most, and some for the sweeper and heartbeats.
+    client = sync_client(settings.redis_url, slots + 32)
     # A slot outlives the longest job, so only a crashed worker's slots time out.
     gate = ProviderGate(
         client, parse_provider_limits(settings.provider_limits), lease_s=settings.job_timeout_s + 60
