@@ -38,6 +38,8 @@ JOBS_PATH = "/v1/jobs"
 # Requests the job-creating client keeps open at once: far fewer than the calls, and
 # enough that one API process, not the client, sets the rate.
 SUBMIT_CONCURRENCY = 50
+# Times the job-creating client sends a request again after a connection error.
+SUBMIT_RETRIES = 2
 SAMPLE_INTERVAL_S = 0.25
 # Descriptors a process needs besides one socket per call: Redis, PostgreSQL, logs,
 # shared libraries and the listening sockets. An estimate with room to spare.
@@ -151,8 +153,15 @@ def submit_jobs(
     path = workdir / "job.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(envelope))
+    # A client retries a request whose connection broke, with the same Idempotency-Key,
+    # as the openai SDK does; the page reports how many were retried.
     result = run_python_client(
-        stack.api_url + JOBS_PATH, path, api_key, SUBMIT_CONCURRENCY, requests=calls
+        stack.api_url + JOBS_PATH,
+        path,
+        api_key,
+        SUBMIT_CONCURRENCY,
+        requests=calls,
+        retries=SUBMIT_RETRIES,
     )
     if result["non2xx"] or result["errors"]:
         raise BenchError(
@@ -230,6 +239,8 @@ def measure_in_flight(
             "elapsed_s": submitted["duration_s"],
             "jobs_per_s": submitted["requests"] / submitted["duration_s"],
             "latency_ms": submitted["latency_ms"],
+            "retries": submitted.get("retries", 0),
+            "first_retry_cause": submitted.get("first_retry_cause", ""),
             "command": submitted["command"],
         },
         "peak_worker_gauge": peaks.worker_gauge,

@@ -175,8 +175,11 @@ def python_client_command(
     requests: int | None = None,
     stream: bool = False,
     warmup_s: float = 0.0,
+    retries: int = 0,
 ) -> list[str]:
     argv = [sys.executable, "-m", "bench.pyload", "--url", url, "--body", str(body_path)]
+    if retries:
+        argv += ["--retries", str(retries)]
     argv += ["--api-key", token, "--concurrency", str(concurrency)]
     if warmup_s:
         argv += ["--warmup", f"{warmup_s:g}"]
@@ -199,6 +202,7 @@ def run_python_client(
     requests: int | None = None,
     stream: bool = False,
     warmup_s: float = 0.0,
+    retries: int = 0,
 ) -> dict[str, object]:
     """Run bench/pyload.py in its own process and return its JSON result."""
     argv = python_client_command(
@@ -210,6 +214,7 @@ def run_python_client(
         requests=requests,
         stream=stream,
         warmup_s=warmup_s,
+        retries=retries,
     )
     completed = subprocess.run(
         argv, cwd=PROJECT_DIR, capture_output=True, text=True, check=False, timeout=900

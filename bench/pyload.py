@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,9 @@ class Tally:
     first_token_ms: list[float] = field(default_factory=list)
     non2xx: int = 0
     errors: int = 0
+    # Requests sent again, with the same Idempotency-Key, after a connection error.
+    retries: int = 0
+    first_retry_cause: str = ""
     first_failure: str = ""
     # Responses that arrived after the warm-up.
     counted: int = 0
@@ -68,31 +72,59 @@ def _first_content_event(line: str) -> bool:
 
 
 async def send_one(
-    client: httpx.AsyncClient, url: str, body: bytes, stream: bool, tally: Tally
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    stream: bool,
+    tally: Tally,
+    retries: int = 0,
+) -> None:
+    """Send one request. With ``retries``, it carries an Idempotency-Key and is sent
+    again with the same key after a connection error, as the openai SDK does."""
+    headers = {"Idempotency-Key": uuid.uuid4().hex} if retries else {}
+    for attempt in range(retries + 1):
+        try:
+            await _send_once(client, url, body, stream, tally, headers)
+            return
+        except httpx.TransportError as exc:
+            if attempt == retries:
+                tally.errors += 1
+                tally.first_failure = tally.first_failure or f"{type(exc).__name__}: {exc}"
+                return
+            tally.retries += 1
+            tally.first_retry_cause = tally.first_retry_cause or type(exc).__name__
+        except httpx.HTTPError as exc:
+            tally.errors += 1
+            tally.first_failure = tally.first_failure or f"{type(exc).__name__}: {exc}"
+            return
+
+
+async def _send_once(
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    stream: bool,
+    tally: Tally,
+    headers: dict[str, str],
 ) -> None:
     started = time.perf_counter()
-    try:
-        async with client.stream("POST", url, content=body) as response:
-            if not 200 <= response.status_code < 300:
-                text = (await response.aread()).decode(errors="replace")
-                tally.non2xx += 1
-                if time.perf_counter() >= tally.counted_from:
-                    tally.counted += 1
-                tally.first_failure = tally.first_failure or f"{response.status_code} {text[:300]}"
-                return
-            if stream:
-                first_token_ms = None
-                async for line in response.aiter_lines():
-                    if first_token_ms is None and _first_content_event(line):
-                        first_token_ms = (time.perf_counter() - started) * 1000
-                if first_token_ms is not None:
-                    tally.first_token_ms.append(first_token_ms)
-            else:
-                await response.aread()
-    except httpx.HTTPError as exc:
-        tally.errors += 1
-        tally.first_failure = tally.first_failure or f"{type(exc).__name__}: {exc}"
-        return
+    async with client.stream("POST", url, content=body, headers=headers) as response:
+        if not 200 <= response.status_code < 300:
+            text = (await response.aread()).decode(errors="replace")
+            tally.non2xx += 1
+            if time.perf_counter() >= tally.counted_from:
+                tally.counted += 1
+            tally.first_failure = tally.first_failure or f"{response.status_code} {text[:300]}"
+            return
+        if stream:
+            first_token_ms = None
+            async for line in response.aiter_lines():
+                if first_token_ms is None and _first_content_event(line):
+                    first_token_ms = (time.perf_counter() - started) * 1000
+            if first_token_ms is not None:
+                tally.first_token_ms.append(first_token_ms)
+        else:
+            await response.aread()
     finished = time.perf_counter()
     tally.latencies_ms.append((finished - started) * 1000)
     if finished >= tally.counted_from:
@@ -123,7 +155,7 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
                 if deadline is not None and time.perf_counter() >= deadline:
                     return
                 issued += 1
-                await send_one(client, args.url, body, args.stream, tally)
+                await send_one(client, args.url, body, args.stream, tally, args.retries)
 
         await asyncio.gather(*(loop() for _ in range(args.concurrency)))
     elapsed_s = time.perf_counter() - started
@@ -139,6 +171,8 @@ async def drive(args: argparse.Namespace) -> dict[str, object]:
         "non2xx": tally.non2xx,
         "errors": tally.errors,
         "first_failure": tally.first_failure,
+        "retries": tally.retries,
+        "first_retry_cause": tally.first_retry_cause,
         "latency_ms": summary(tally.latencies_ms),
         "first_token_ms": summary(tally.first_token_ms),
     }
@@ -153,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, help="stop after this many requests")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--stream", action="store_true", help="read responses as SSE streams")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="send a request again after a connection error, with the same Idempotency-Key",
+    )
     parser.add_argument(
         "--warmup",
         type=float,

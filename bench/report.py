@@ -607,6 +607,12 @@ def _api_limit_sentence(row: Row) -> str:
         f"request). Jobs arriving at that rate, not from a queue, would keep about "
         f"{reachable:,.0f} calls in flight (rate × {latency_s:g} s). "
     )
+    if submit.get("retries"):
+        text += (
+            f"{submit['retries']:,} requests lost their connection "
+            f"({submit['first_retry_cause']}) and were sent again with the same "
+            "Idempotency-Key, as the openai SDK does. "
+        )
     if reachable < row["calls"]:
         return text + (
             f"That is fewer than {row['calls']:,}, so in steady operation the single API "
