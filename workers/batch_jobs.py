@@ -27,7 +27,7 @@ from broker.ids import new_id
 from broker.intake import Intake, Principal
 from broker.jobstore import format_usd
 from broker.tables import ApiKey, Batch, Job, LedgerEntry, Wallet, as_utc, utcnow
-from workers.app import celery_app, publish_job
+from workers.app import celery_app, encode_job_message
 from workers.context import WorkerContext
 from workers.markers import queued_key
 
@@ -293,11 +293,17 @@ def publish_next(ctx: WorkerContext, batch_id: str, count: int) -> int:
             .where(Job.id.in_([row.id for row in rows]), Job.dispatched_at.is_(None))
             .values(dispatched_at=now, dispatch_count=1)
         )
+    # The markers and the task messages go to Redis in one round trip.
+    pipe = ctx.redis.pipeline(transaction=False)
     for row in rows:
         spec = row.dispatch
         ttl = int(max(60.0, spec["deadline"] - time.time()) + MARKER_MARGIN_S)
-        ctx.redis.set(queued_key(row.id), b"1", ex=ttl)
-        publish_job(celery_app, spec, queue_name(spec["provider"], spec["region"], spec["lane"]))
+        message = encode_job_message(
+            celery_app, spec, queue_name(spec["provider"], spec["region"], spec["lane"])
+        )
+        pipe.set(queued_key(row.id), b"1", ex=ttl)
+        pipe.lpush(message.key, message.payload)
+    pipe.execute()
     return len(rows)
 
 

@@ -19,7 +19,7 @@ from broker.ledger import Settlement
 from workers.app import SETTLE_JOB_TASK, SETTLE_JOBS_TASK, celery_app
 from workers.context import WorkerContext, get_context
 from workers.group_commit import GroupCommit
-from workers.job_events import AfterSettle, on_job_settled
+from workers.job_events import on_jobs_settled
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +32,17 @@ def settle_together(ctx: WorkerContext, job_ids: list[str]) -> list[Settlement |
     with ctx.sessions.begin() as session:
         settlements = ledger.settle_jobs(session, job_ids)
         # Batch progress and webhook events change in the settlement's transaction.
-        followers: list[AfterSettle] = [
-            on_job_settled(session, settlement.job_id, ctx.settings)
-            for settlement in settlements
-            if settlement.has_events
-        ]
-    for after in followers:
+        with_events = [s.job_id for s in settlements if s.has_events]
+        after = on_jobs_settled(session, with_events, ctx.settings) if with_events else None
+    if after is not None:
         try:
             after.send(ctx)
         except Exception:
-            # The events are stored; the webhook and batch sweeps pick up what was not
-            # published, so one failed publish must not fail the other settlements.
-            logger.exception("could not publish the tasks that follow a settlement")
+            # The events are stored; the webhook and batch passes publish what was not
+            # published, so a failed publish must not fail the settlements.
+            logger.exception(
+                "could not publish the tasks that follow %d settlements", len(with_events)
+            )
     by_id = {settlement.job_id: settlement for settlement in settlements}
     return [by_id.get(job_id) for job_id in job_ids]
 
