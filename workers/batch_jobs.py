@@ -150,6 +150,7 @@ def create_chunk(
     deadline = as_utc(batch.expires_at)
     rows: list[dict[str, Any]] = []
     holds: list[dict[str, Any]] = []
+    pending: list[tuple[dict[str, Any], Any, int]] = []
     with ctx.sessions.begin() as session:
         status = session.scalar(select(Batch.status).where(Batch.id == batch.id))
         expired = now >= deadline
@@ -181,6 +182,18 @@ def create_chunk(
                 region=target.region,
                 request=submission.body,
             )
+            pending.append((row, submission, hold))
+        # The wallet's row stays locked from its first update to the commit, and the API
+        # holds on the same wallet wait for it, so the lines are checked first and the
+        # wallet is updated after: once for the whole chunk when no key limit applies and
+        # the balance covers it, or line by line otherwise.
+        held_all = (
+            spent is None
+            and bool(pending)
+            and _hold(session, principal.wallet_id, sum(hold for _, _, hold in pending), now)
+        )
+        for row, submission, hold in pending:
+            target = submission.plan[0]
             if spent is not None and limit is not None and spent + hold > limit:
                 row["error"] = InsufficientFunds(
                     f"The API key's monthly spending limit ({format_usd(limit)}) cannot "
@@ -188,15 +201,7 @@ def create_chunk(
                     code="key_limit_exceeded",
                 ).to_job_error()
                 continue
-            held = session.execute(
-                update(Wallet)
-                .where(
-                    Wallet.id == principal.wallet_id,
-                    Wallet.balance_micro_usd - Wallet.held_micro_usd >= hold,
-                )
-                .values(held_micro_usd=Wallet.held_micro_usd + hold, updated_at=now)
-            ).rowcount
-            if held != 1:
+            if not (held_all or _hold(session, principal.wallet_id, hold, now)):
                 row["error"] = InsufficientFunds(
                     "The wallet's available balance cannot cover this request's worst-case "
                     f"cost ({format_usd(hold)}). Top up the wallet and resubmit it."
@@ -253,6 +258,21 @@ def create_chunk(
             )
             result.finalizing = start_finalizing(session, batch.id)
     return result
+
+
+def _hold(session: Session, wallet_id: str, amount: int, now: Any) -> bool:
+    """Add ``amount`` to the wallet's held amount if its available balance covers it."""
+    return (
+        session.execute(
+            update(Wallet)
+            .where(
+                Wallet.id == wallet_id,
+                Wallet.balance_micro_usd - Wallet.held_micro_usd >= amount,
+            )
+            .values(held_micro_usd=Wallet.held_micro_usd + amount, updated_at=now)
+        ).rowcount
+        == 1
+    )
 
 
 def in_flight(session: Session, batch_id: str) -> int:
