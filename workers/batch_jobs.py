@@ -183,10 +183,10 @@ def create_chunk(
                 request=submission.body,
             )
             pending.append((row, submission, hold))
-        # The wallet's row stays locked from its first update to the commit, and the API
-        # holds on the same wallet wait for it, so the lines are checked first and the
-        # wallet is updated after: once for the whole chunk when no key limit applies and
-        # the balance covers it, or line by line otherwise.
+        # The wallet's row stays locked from its first update to the commit, and the API's
+        # holds on the same wallet wait for it. So the lines are checked first and the
+        # wallet is updated after them: once for the chunk when no key limit applies and
+        # the balance covers it, otherwise line by line.
         held_all = (
             spent is None
             and bool(pending)
