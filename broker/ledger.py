@@ -235,6 +235,8 @@ def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
         total = totals.setdefault(row.account_id, [0, 0])
         total[0] += settlement.cost_micro_usd
         total[1] += settlement.released_micro_usd
+    # TODO: the wallet row stays locked until the commit, and a large batch's back-to-back
+    # settlements make the same account's synchronous holds wait (bench/RESULTS.md, f).
     wallet_of: dict[str, str] = {}
     for account_id in sorted(totals):
         cost, released = totals[account_id]
