@@ -44,7 +44,7 @@ CLIENT_TIMEOUT_S = 600.0
 def write_input(path: Path, body: dict[str, Any], requests: int) -> int:
     """Write ``requests`` lines in OpenAI's batch input format; return the file's bytes.
 
-    Each line asks a slightly different question, so that no cache can answer it.
+    Each line has a slightly different prompt, so that no cache can serve it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     system, user = body["messages"][0], body["messages"][-1]
@@ -63,7 +63,7 @@ def write_input(path: Path, body: dict[str, Any], requests: int) -> int:
 
 @dataclass
 class Progress:
-    """What ``BatchSampler`` saw; RSS in KiB, times from ``time.monotonic()``."""
+    """Observations of ``BatchSampler``: RSS in KiB, times from ``time.monotonic()``."""
 
     rss_max_kib: dict[str, int] = field(default_factory=dict)
     status: str = "validating"

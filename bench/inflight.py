@@ -3,8 +3,8 @@
 The us worker is replaced by one with a greenlet (and an httpx connection) per call,
 and stops consuming its interactive queue. A separate client process creates every job
 through ``POST /v1/jobs``, so they wait in Redis. The worker then consumes the queue
-again and takes them all at once. This way the worker's own limit shows, not the rate
-at which one API process accepts jobs; that rate is measured too, since in steady
+again and takes them all at once, so the worker's own limit shows, not the rate at
+which one API process accepts jobs. That rate is measured too, because in steady
 operation it caps the calls in flight at rate × upstream latency.
 """
 

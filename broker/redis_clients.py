@@ -1,6 +1,6 @@
 """Redis clients whose connection pools wait for a free connection instead of failing.
 
-redis-py's default pool holds at most 100 connections and raises MaxConnectionsError
+redis-py's default pool opens at most 100 connections and raises MaxConnectionsError
 for the next caller. The API serves hundreds of requests at once and a worker runs
 hundreds of greenlets, so a burst would fail requests that only had to wait a moment.
 """

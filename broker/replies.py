@@ -29,7 +29,7 @@ DRAIN_BATCH = 256
 CANCEL_TTL_S = 3600
 # Seconds to wait before reading again after Redis failed.
 REDIS_RETRY_DELAY_S = 0.5
-# Connections of an API process to Redis: the reply reader holds one, and requests
+# Connections of an API process to Redis: the reply reader keeps one busy, and requests
 # waiting on the others queue for a moment instead of failing.
 API_REDIS_CONNECTIONS = 256
 
