@@ -206,6 +206,8 @@ def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
         outcome.cancelled = True
     if not record_outcome(ctx, spec, outcome):
         logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
+        # Later copies then stop at the start check instead of calling the upstream.
+        ctx.redis.set(done_key(job_id), b"1", ex=DONE_TTL_S)
         return False
     if outcome.result is not None:
         count_tokens(spec["model"], outcome.result.prompt_tokens, outcome.result.completion_tokens)
@@ -249,6 +251,21 @@ def run_job(self: Task, **spec: Any) -> None:
     ctx = get_context()
     job_id = spec["job_id"]
     spec["worker"] = self.request.hostname
+    # Claimed before the first round trip: a copy of this job finishing while the reads
+    # below wait would leave them stale (done unset, lease still ours), so the check must
+    # come first, and a finished copy has set its done marker before leaving the set.
+    if job_id in _running:
+        logger.info("job %s is already running; dropping a repeated delivery", job_id)
+        return
+    _running.add(job_id)
+    try:
+        _run_claimed(ctx, spec)
+    finally:
+        _running.discard(job_id)
+
+
+def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
+    job_id = spec["job_id"]
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.exists(done_key(job_id))
     pipe.get(lease_key(job_id))
@@ -259,12 +276,9 @@ def run_job(self: Task, **spec: Any) -> None:
         return
     # The lease was usually taken when the message arrived (workers.worker).
     leased = lease is not None and lease.decode() == lease_holder(spec["region"])
-    if job_id in _running or not (
-        leased or claim_lease(ctx, job_id, spec["region"], spec["deadline"])
-    ):
+    if not (leased or claim_lease(ctx, job_id, spec["region"], spec["deadline"])):
         logger.info("job %s is already running; dropping a repeated delivery", job_id)
         return
-    _running.add(job_id)
     released = False
     observe_queue_wait(
         queue_name(spec["provider"], spec["region"], spec["lane"]),
@@ -280,6 +294,5 @@ def run_job(self: Task, **spec: Any) -> None:
                 return
         released = finish(ctx, spec, outcome)
     finally:
-        _running.discard(job_id)
         if not released:
             ctx.redis.delete(lease_key(job_id))
