@@ -251,9 +251,8 @@ def run_job(self: Task, **spec: Any) -> None:
     ctx = get_context()
     job_id = spec["job_id"]
     spec["worker"] = self.request.hostname
-    # Claimed before the first round trip: a copy of this job finishing while the reads
-    # below wait would leave them stale (done unset, lease still ours), so the check must
-    # come first, and a finished copy has set its done marker before leaving the set.
+    # Checked before the Redis reads: a copy finishing while they wait would make them
+    # stale. A copy sets the done marker before it leaves the set.
     if job_id in _running:
         logger.info("job %s is already running; dropping a repeated delivery", job_id)
         return
