@@ -56,6 +56,12 @@ def make_celery() -> Celery:
             # raises instead of waiting when it is full. A full pool (kombu's default is
             # 10) dropped the worker's broker connection when many tasks ended at once.
             "max_connections": redis_connections(settings),
+            # Region workers skip kombu's acknowledgement emulation, which costs two Redis
+            # transactions per message. Their jobs are recovered from the database instead:
+            # a dead worker's leases lapse with its heartbeat (15 s), and the sweeper then
+            # publishes those jobs again. An unacknowledged message would wait for the
+            # visibility timeout.
+            "ack_emulation": settings.worker_region is None,
         },
         broker_connection_retry_on_startup=True,
         task_default_queue=BILLING_QUEUE,
