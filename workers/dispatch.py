@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections import defaultdict
 from typing import Any
 
 from celery import Task
 from redis.exceptions import RedisError
-from sqlalchemy import insert, update
+from sqlalchemy import Connection, Update, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
@@ -121,28 +123,81 @@ _attempts = Attempt.__table__
 Finished = tuple[dict[str, Any], Outcome]
 
 
+class _AlreadyFinal(Exception):
+    """Raised to roll back a group update when one of its jobs was already final."""
+
+
+@functools.cache
+def _update_outcome(columns: tuple[str, ...]) -> Update:
+    """Return the UPDATE that stores outcomes with these columns, run once per job.
+
+    The parameters are named ``v_<column>`` because SQLAlchemy reserves the bare column
+    names for its own SET parameters.
+    """
+    return (
+        update(_jobs)
+        .where(
+            _jobs.c.id == bindparam("v_job_id"),
+            # IN would expand its list per execution, which executemany does not allow.
+            or_(*(_jobs.c.status == status for status in ACTIVE_STATUSES)),
+        )
+        .values({column: bindparam(f"v_{column}") for column in columns})
+    )
+
+
+def _store_together(connection: Connection, finished: list[Finished]) -> None:
+    """Store every outcome with one executemany per set of columns.
+
+    Raises _AlreadyFinal, before the commit, when fewer rows changed than jobs were
+    given, because the summed row count does not identify the job that was already final.
+    """
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for spec, outcome in finished:
+        values = _outcome_values(spec, outcome)
+        row = {f"v_{column}": value for column, value in values.items()}
+        row["v_job_id"] = spec["job_id"]
+        groups[tuple(sorted(values))].append(row)
+    for columns, rows in groups.items():
+        if connection.execute(_update_outcome(columns), rows).rowcount != len(rows):
+            raise _AlreadyFinal
+    attempts = [row for spec, outcome in finished for row in _attempt_rows(spec["job_id"], outcome)]
+    if attempts:
+        connection.execute(insert(_attempts), attempts)
+
+
+def _store_one_by_one(connection: Connection, finished: list[Finished]) -> list[bool]:
+    stored: list[bool] = []
+    attempts: list[dict[str, Any]] = []
+    for spec, outcome in finished:
+        updated = connection.execute(
+            update(_jobs)
+            .where(_jobs.c.id == spec["job_id"], _jobs.c.status.in_(ACTIVE_STATUSES))
+            .values(**_outcome_values(spec, outcome))
+        ).rowcount
+        stored.append(updated == 1)
+        if updated:
+            attempts.extend(_attempt_rows(spec["job_id"], outcome))
+    if attempts:
+        connection.execute(insert(_attempts), attempts)
+    return stored
+
+
 @_db_retry
 def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
     """Store each outcome unless its job is already final (a repeated delivery).
 
-    Returns, per outcome, whether it was stored. All are written in one transaction.
+    Returns, per outcome, whether it was stored. All are written in one transaction:
+    first with one statement for all jobs, and only if one of them was already final,
+    again job by job.
     """
-    stored: list[bool] = []
-    attempts: list[dict[str, Any]] = []
+    try:
+        with ctx.sessions.begin() as session:
+            _store_together(session.connection(), finished)
+        return [True] * len(finished)
+    except _AlreadyFinal:
+        pass
     with ctx.sessions.begin() as session:
-        connection = session.connection()
-        for spec, outcome in finished:
-            updated = connection.execute(
-                update(_jobs)
-                .where(_jobs.c.id == spec["job_id"], _jobs.c.status.in_(ACTIVE_STATUSES))
-                .values(**_outcome_values(spec, outcome))
-            ).rowcount
-            stored.append(updated == 1)
-            if updated:
-                attempts.extend(_attempt_rows(spec["job_id"], outcome))
-        if attempts:
-            connection.execute(insert(_attempts), attempts)
-    return stored
+        return _store_one_by_one(session.connection(), finished)
 
 
 def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
@@ -224,18 +279,14 @@ def lease_holder(region: str) -> str:
     return f"{region}|{worker_identity()}"
 
 
-def claim_lease(ctx: WorkerContext, job_id: str, region: str, deadline: float) -> bool:
-    """Take the job's lease unless a live worker other than this one holds it.
+def take_over_lease(
+    ctx: WorkerContext, job_id: str, holder: str, current: bytes | None, lease_s: int
+) -> bool:
+    """Take a lease that is already set, unless a live worker other than this one holds it.
 
     The lease names the heartbeat that proves its holder alive: ``<pool>|<identity>``.
-    It is first taken when the message is received, before the task starts, so a job
-    whose worker dies even before starting it is found by the sweeper.
+    A lease left by a dead worker, or by this process, is taken over.
     """
-    holder = lease_holder(region)
-    lease_s = int(max(0.0, deadline - time.time()) + LEASE_MARGIN_S)
-    if ctx.redis.set(lease_key(job_id), holder, nx=True, ex=lease_s):
-        return True
-    current = ctx.redis.get(lease_key(job_id))
     if current and current.decode() != holder and holder_alive(ctx.redis, current):
         logger.info(
             "job %s is running on %s; dropping a repeated delivery", job_id, current.decode()
@@ -265,17 +316,21 @@ def run_job(self: Task, **spec: Any) -> None:
 
 def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
     job_id = spec["job_id"]
+    holder = lease_holder(spec["region"])
+    lease_s = int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
+    # One round trip: the done marker, the lease (taken if free) and the circuit state.
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.exists(done_key(job_id))
+    pipe.set(lease_key(job_id), holder, nx=True, ex=lease_s)
     pipe.get(lease_key(job_id))
     pipe.mget(state_keys(target_name(spec["provider"], spec["region"])))
-    done, lease, circuit = pipe.execute()
+    done, lease_taken, current, circuit = pipe.execute()
     if done:
+        if lease_taken:
+            ctx.redis.delete(lease_key(job_id))
         logger.info("job %s is already done; dropping a repeated delivery", job_id)
         return
-    # The lease was usually taken when the message arrived (workers.worker).
-    leased = lease is not None and lease.decode() == lease_holder(spec["region"])
-    if not (leased or claim_lease(ctx, job_id, spec["region"], spec["deadline"])):
+    if not (lease_taken or take_over_lease(ctx, job_id, holder, current, lease_s)):
         logger.info("job %s is already running; dropping a repeated delivery", job_id)
         return
     released = False

@@ -10,16 +10,13 @@ import logging
 import os
 from typing import Any
 
-import gevent
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from broker.metrics import mark_process_dead, start_worker_metrics_server
 from broker.settings import get_settings
 from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
-from workers.app import RUN_JOB_TASK, celery_app
+from workers.app import celery_app
 from workers.async_pass import start_async_pass
-from workers.context import get_context
-from workers.dispatch import claim_lease
 from workers.heartbeat import set_node_name, start_heartbeat, worker_identity
 from workers.sweeper import start_sweeper
 
@@ -53,24 +50,6 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         _stop_sweeper = start_sweeper(get_settings().sweep_interval_s)
         # Webhook retries, batch windows and expiry, job retention (workers.async_pass).
         _stop_async_pass = start_async_pass(get_settings().async_pass_interval_s)
-
-
-@task_received.connect
-def _on_received(request: Any = None, **_: Any) -> None:
-    if request is None or request.task_name != RUN_JOB_TASK:
-        return
-    # In its own greenlet: this handler runs in the consumer's loop, which would
-    # otherwise wait for the round trip to Redis before it takes the next message.
-    gevent.spawn(_lease_on_receipt, request.kwargs)
-
-
-def _lease_on_receipt(spec: dict[str, Any]) -> None:
-    try:
-        claim_lease(get_context(), spec["job_id"], spec["region"], spec["deadline"])
-    except Exception:  # noqa: BLE001  (the task claims the lease again when it starts)
-        logging.getLogger(__name__).warning(
-            "could not take the lease of job %s on receipt", spec.get("job_id")
-        )
 
 
 @worker_shutdown.connect

@@ -1,0 +1,156 @@
+"""Storing job outcomes in one transaction, on a real database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from broker.accounts import create_account
+from broker.db import make_engine, session_factory
+from broker.ids import new_id
+from broker.tables import Attempt, Job, utcnow
+from workers.adapters.base import UpstreamError, UpstreamResult
+from workers.calls import Outcome
+from workers.dispatch import record_outcomes
+
+COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [], "usage": {}}
+
+
+@pytest.fixture
+def sessions(migrated_database: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(migrated_database, pool_size=1)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def _add_jobs(sessions: sessionmaker[Session], statuses: list[str]) -> list[str]:
+    job_ids = []
+    with sessions.begin() as session:
+        account, _ = create_account(session, "outcomes")
+        now = utcnow()
+        for status in statuses:
+            job_id = new_id("job")
+            session.add(
+                Job(
+                    id=job_id,
+                    account_id=account.id,
+                    endpoint="/v1/chat/completions",
+                    model="m",
+                    provider="openai",
+                    region="us",
+                    lane="interactive",
+                    status=status,
+                    request={},
+                    route=[],
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    input_price_micro_usd=1,
+                    output_price_micro_usd=1,
+                    hold_micro_usd=0,
+                    created_at=now,
+                    finished_at=now if status == "succeeded" else None,
+                    deadline_at=now + timedelta(minutes=5),
+                )
+            )
+            job_ids.append(job_id)
+    return job_ids
+
+
+def _spec(job_id: str) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "provider": "openai",
+        "region": "us",
+        "model": "m",
+        "upstream_model": "m-upstream",
+        "input_price": 3,
+        "output_price": 5,
+        "cached_input_price": None,
+    }
+
+
+def _attempt(job_id: str, status_code: int, error: str | None) -> dict[str, Any]:
+    return {
+        "number": 1,
+        "provider": "openai",
+        "region": "us",
+        "upstream_model": "m-upstream",
+        "worker": "us@test",
+        "latency_ms": 7,
+        "status_code": status_code,
+        "error": error,
+        "started_at": utcnow(),
+    }
+
+
+def _succeeded(job_id: str, prompt: int, completion: int) -> Outcome:
+    return Outcome(
+        result=UpstreamResult(COMPLETION, prompt, completion, 200),
+        attempts=[_attempt(job_id, 200, None)],
+    )
+
+
+def _failed(job_id: str) -> Outcome:
+    return Outcome(
+        error=UpstreamError("invalid request", status_code=400),
+        attempts=[_attempt(job_id, 400, "invalid request")],
+    )
+
+
+def _attempt_count(session: Session, job_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Attempt).where(Attempt.job_id == job_id))
+
+
+def test_mixed_outcomes_stored_together(sessions: sessionmaker[Session]) -> None:
+    ok, other_ok, bad = _add_jobs(sessions, ["running", "queued", "running"])
+    finished = [
+        (_spec(ok), _succeeded(ok, 11, 22)),
+        (_spec(other_ok), _succeeded(other_ok, 33, 44)),
+        (_spec(bad), _failed(bad)),
+    ]
+
+    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+
+    assert stored == [True, True, True]
+    with sessions() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job))}
+        assert jobs[ok].status == "succeeded"
+        assert jobs[ok].response == COMPLETION
+        assert (jobs[ok].prompt_tokens, jobs[ok].completion_tokens) == (11, 22)
+        assert (jobs[other_ok].prompt_tokens, jobs[other_ok].completion_tokens) == (33, 44)
+        assert jobs[ok].input_price_micro_usd == 3
+        assert jobs[ok].output_price_micro_usd == 5
+        assert jobs[ok].error is None
+        assert jobs[bad].status == "failed"
+        assert jobs[bad].error["message"] == "invalid request"
+        assert jobs[bad].response is None
+        assert all(job.finished_at is not None for job in jobs.values())
+        assert [_attempt_count(session, job_id) for job_id in (ok, other_ok, bad)] == [1, 1, 1]
+
+
+def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> None:
+    first, done, last = _add_jobs(sessions, ["running", "succeeded", "running"])
+    finished = [
+        (_spec(first), _succeeded(first, 1, 2)),
+        (_spec(done), _failed(done)),
+        (_spec(last), _succeeded(last, 3, 4)),
+    ]
+
+    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+
+    assert stored == [True, False, True]
+    with sessions() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job))}
+        assert jobs[done].status == "succeeded"
+        assert jobs[done].error is None
+        assert _attempt_count(session, done) == 0
+        assert jobs[first].status == "succeeded"
+        assert jobs[last].completion_tokens == 4
+        assert _attempt_count(session, first) == 1
+        assert _attempt_count(session, last) == 1
