@@ -62,6 +62,10 @@ def make_celery() -> Celery:
             # publishes those jobs again. An unacknowledged message would wait for the
             # visibility timeout.
             "ack_emulation": settings.worker_region is None,
+            # One Redis list per queue. The broker never sets a message priority (lanes
+            # keep batch jobs apart), and each extra step adds a key per queue to every
+            # BRPOP: with kombu's default four steps, a region worker's BRPOP named 112.
+            "priority_steps": [0],
         },
         broker_connection_retry_on_startup=True,
         task_default_queue=BILLING_QUEUE,
