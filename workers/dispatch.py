@@ -215,24 +215,42 @@ def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
             except Exception as exc:
                 logger.warning("storing the outcome of job %s failed: %s", item[0]["job_id"], exc)
                 stored.append(exc)
-    request_settlement(
-        ctx, [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
-    )
+    hand_back(ctx, finished, stored)
     return stored
 
 
-def request_settlement(ctx: WorkerContext, job_ids: list[str]) -> None:
-    """Send one settle task for the jobs whose outcomes were just stored.
+def hand_back(
+    ctx: WorkerContext, finished: list[Finished], stored: list[bool | BaseException]
+) -> None:
+    """Send the settle task, replies and lease releases of stored outcomes in one round trip.
 
-    If it cannot be sent, the sweeper sends finished, unsettled jobs to be settled.
+    That is one settle task for the stored jobs and, per stored job, the done marker,
+    the reply to a waiting request and the lease's release. A job that was already final
+    gets its done marker, so later copies stop at the start check instead of calling the
+    upstream. If Redis cannot be reached, the sweeper sends the jobs to be settled, a
+    waiting request reads the result from the database, and the leases expire.
     """
-    if not job_ids:
-        return
-    message = encode_settle_message(celery_app, job_ids)
+    pipe = ctx.redis.pipeline(transaction=False)
+    settle = [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
+    if settle:
+        message = encode_settle_message(celery_app, settle)
+        pipe.lpush(message.key, message.payload)
+    for (spec, outcome), ok in zip(finished, stored, strict=True):
+        if ok is True or ok is False:
+            pipe.set(done_key(spec["job_id"]), b"1", ex=DONE_TTL_S)
+        if ok is True:
+            queue_final_reply(pipe, spec, outcome)
+            pipe.delete(lease_key(spec["job_id"]))
     try:
-        ctx.redis.lpush(message.key, message.payload)
+        pipe.execute()
     except RedisError as exc:
-        logger.warning("could not send %d jobs to be settled: %s", len(job_ids), exc)
+        first = finished[0][0]["job_id"]
+        logger.warning(
+            "sending the replies and settle task of %d jobs (first %s) failed: %s",
+            len(finished),
+            first,
+            exc,
+        )
 
 
 # Outcomes finished at the same time in this process share one transaction.
@@ -241,36 +259,22 @@ _outcomes: GroupCommit[Finished, bool] = GroupCommit(
 )
 
 
-def record_outcome(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
-    """Store the outcome unless the job is already final (a repeated delivery)."""
-    return _outcomes.submit((spec, outcome))
-
-
 def finish(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome) -> bool:
-    """Record a final outcome, then hand it back, ask billing to settle, free the lease.
+    """Record a final outcome, after which ``hand_back`` replies and releases the lease.
 
-    The outcome is stored with those of other jobs finishing at the same time, and one
-    settle task is sent for them all (``request_settlement``). Then the done marker, the
-    reply and the lease's release go to Redis in one round trip. Returns whether the
-    lease was freed.
+    The outcome is stored with those of other jobs finishing at the same time. Returns
+    whether it was stored, which is when its lease was released.
     """
     job_id = spec["job_id"]
     # A job no request waits for (POST /v1/jobs, batches) may be cancelled through the
     # jobs API while it runs: it ends cancelled, charged for the usage it had.
     if spec.get("reply_to") is None and ctx.redis.exists(cancel_key(job_id)):
         outcome.cancelled = True
-    if not record_outcome(ctx, spec, outcome):
+    if not _outcomes.submit((spec, outcome)):
         logger.info("job %s was already finished; ignoring a repeated delivery", job_id)
-        # Later copies then stop at the start check instead of calling the upstream.
-        ctx.redis.set(done_key(job_id), b"1", ex=DONE_TTL_S)
         return False
     if outcome.result is not None:
         count_tokens(spec["model"], outcome.result.prompt_tokens, outcome.result.completion_tokens)
-    pipe = ctx.redis.pipeline(transaction=False)
-    pipe.set(done_key(job_id), b"1", ex=DONE_TTL_S)
-    queue_final_reply(pipe, spec, outcome)
-    pipe.delete(lease_key(job_id))
-    pipe.execute()
     return True
 
 
