@@ -8,6 +8,7 @@ repeated settle or a replayed top-up changes nothing the second time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,7 +183,11 @@ def settle_job(session: Session, job_id: str) -> Settlement | None:
     return settled[0] if settled else None
 
 
-def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
+def settle_jobs(
+    session: Session,
+    job_ids: list[str],
+    before_wallets: Callable[[list[Settlement]], None] | None = None,
+) -> list[Settlement]:
     """Charge finished jobs and release their holds, each once.
 
     Returns a settlement for each job settled now; jobs not finished yet or already
@@ -190,6 +195,10 @@ def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
     of two concurrent settlements of the same job the second waits for the first's row
     lock and then matches nothing. Each wallet is updated once, by the sum of its jobs,
     in the order of account ids, so that concurrent settlements lock wallets in one order.
+
+    The wallet updates are the last statements, after ``before_wallets`` (the caller's
+    work in the same transaction), so that a wallet stays locked only until the commit
+    that should follow: the same account's holds for new requests wait for that lock.
     """
     now = utcnow()
     rows = session.execute(
@@ -235,21 +244,14 @@ def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
         total = totals.setdefault(row.account_id, [0, 0])
         total[0] += settlement.cost_micro_usd
         total[1] += settlement.released_micro_usd
-    # TODO: the wallet row stays locked until the commit, and a large batch's back-to-back
-    # settlements make the same account's synchronous holds wait (bench/RESULTS.md, f).
-    wallet_of: dict[str, str] = {}
-    for account_id in sorted(totals):
-        cost, released = totals[account_id]
-        wallet_of[account_id] = session.execute(
-            update(_wallets)
-            .where(_wallets.c.account_id == account_id)
-            .values(
-                balance_micro_usd=_wallets.c.balance_micro_usd - cost,
-                held_micro_usd=_wallets.c.held_micro_usd - released,
-                updated_at=now,
+    # Read without a lock: the ledger entries need the wallet ids before the update.
+    wallet_of = dict(
+        session.execute(
+            select(_wallets.c.account_id, _wallets.c.id).where(
+                _wallets.c.account_id.in_(sorted(totals))
             )
-            .returning(_wallets.c.id)
-        ).scalar_one()
+        ).all()
+    )
 
     entries = []
     for row, settlement in zip(rows, settlements, strict=True):
@@ -274,6 +276,19 @@ def settle_jobs(session: Session, job_ids: list[str]) -> list[Settlement]:
                 )
             )
     session.execute(insert(_ledger), entries)
+    if before_wallets is not None:
+        before_wallets(settlements)
+    for account_id in sorted(totals):
+        cost, released = totals[account_id]
+        session.execute(
+            update(_wallets)
+            .where(_wallets.c.account_id == account_id)
+            .values(
+                balance_micro_usd=_wallets.c.balance_micro_usd - cost,
+                held_micro_usd=_wallets.c.held_micro_usd - released,
+                updated_at=now,
+            )
+        )
     return settlements
 
 

@@ -187,6 +187,12 @@ def create_chunk(
         # holds on the same wallet wait for it. So the lines are checked first and the
         # wallet is updated after them: once for the chunk when no key limit applies and
         # the balance covers it, otherwise line by line.
+        if pending:
+            # Settlements lock the batch's row before the wallet's (workers.billing), so
+            # this takes them in that order too, which keeps the two from deadlocking.
+            session.execute(
+                select(Batch.id).where(Batch.id == batch.id).with_for_update(key_share=True)
+            )
         held_all = (
             spent is None
             and bool(pending)

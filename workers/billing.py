@@ -19,7 +19,7 @@ from broker.ledger import Settlement
 from workers.app import SETTLE_JOB_TASK, SETTLE_JOBS_TASK, celery_app
 from workers.context import WorkerContext, get_context
 from workers.group_commit import GroupCommit
-from workers.job_events import on_jobs_settled
+from workers.job_events import AfterSettle, on_jobs_settled
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +29,25 @@ MAX_BATCH = 256
 
 def settle_together(ctx: WorkerContext, job_ids: list[str]) -> list[Settlement | None]:
     """Settle the jobs in one transaction; None for a job with nothing to settle."""
+    afters: list[AfterSettle] = []
     with ctx.sessions.begin() as session:
-        settlements = ledger.settle_jobs(session, job_ids)
-        # Batch progress and webhook events change in the settlement's transaction.
-        with_events = [s.job_id for s in settlements if s.has_events]
-        after = on_jobs_settled(session, with_events, ctx.settings) if with_events else None
-    if after is not None:
+
+        def record_events(settlements: list[Settlement]) -> None:
+            # Batch progress and webhook events change in the settlement's transaction,
+            # before the wallet updates, which come last to keep the wallet locks short.
+            with_events = [s.job_id for s in settlements if s.has_events]
+            if with_events:
+                afters.append(on_jobs_settled(session, with_events, ctx.settings))
+
+        settlements = ledger.settle_jobs(session, job_ids, before_wallets=record_events)
+    for after in afters:
         try:
             after.send(ctx)
         except Exception:
             # The events are stored; the webhook and batch passes publish what was not
             # published, so a failed publish must not fail the settlements.
             logger.exception(
-                "could not publish the tasks that follow %d settlements", len(with_events)
+                "could not publish the tasks that follow %d settlements", len(settlements)
             )
     by_id = {settlement.job_id: settlement for settlement in settlements}
     return [by_id.get(job_id) for job_id in job_ids]
