@@ -401,7 +401,7 @@ def running_stack(workdir: Path, api_workers: int) -> Iterator[BenchStack]:
         engine = make_engine(database_url, pool_size=2)
         sampler = ConnectionSampler(database_name)
         sampler.start()
-        start_system(group, settings, ports)
+        start_system(group, settings, ports, lane_pools=True)
         yield BenchStack(settings, ports, group, engine, sampler, client)
     finally:
         if sampler is not None:

@@ -83,10 +83,13 @@ class ProcessGroup:
     def wait_http(self, name: str, url: str, timeout_s: float = 60.0) -> None:
         self.wait_until(name, lambda: httpx.get(url, timeout=2).status_code == 200, timeout_s)
 
-    def wait_worker(self, name: str, redis_url: str, pool: str, timeout_s: float = 60.0) -> None:
+    def wait_worker(
+        self, name: str, redis_url: str, pool: str, count: int = 1, timeout_s: float = 60.0
+    ) -> None:
+        """Wait until ``count`` workers of ``pool`` send heartbeats."""
         client = redis.Redis.from_url(redis_url)
         try:
-            self.wait_until(name, lambda: bool(live_workers(client, pool)), timeout_s)
+            self.wait_until(name, lambda: len(live_workers(client, pool)) >= count, timeout_s)
         finally:
             client.close()
 

@@ -51,8 +51,14 @@ def start_system(
     settings: Settings,
     ports: SystemPorts,
     simulator_args: tuple[str, ...] = (),
+    lane_pools: bool = False,
 ) -> None:
-    """Start every process and wait until each is ready. The schema must be migrated."""
+    """Start every process and wait until each is ready. The schema must be migrated.
+
+    With ``lane_pools`` each region gets one worker process per lane (``worker-us`` for
+    interactive calls, ``worker-us-batch`` for batch jobs) instead of one for both, so
+    a running batch cannot take the CPU that interactive calls need.
+    """
     group.env.update(simulator_environment(settings, ports))
     for region, port in (("us", ports.simulator_us), ("hk", ports.simulator_hk)):
         group.start(
@@ -61,7 +67,19 @@ def start_system(
         )
     group.start("api", broker_command("api", "--port", str(ports.api)))
     for region in ("us", "hk"):
-        group.start(f"worker-{region}", broker_command("worker", "--region", region))
+        if lane_pools:
+            group.start(
+                f"worker-{region}",
+                broker_command("worker", "--region", region, "--lanes", "interactive"),
+            )
+            group.start(
+                f"worker-{region}-batch",
+                broker_command(
+                    "worker", "--region", region, "--lanes", "batch", "--name", f"{region}-batch@%h"
+                ),
+            )
+        else:
+            group.start(f"worker-{region}", broker_command("worker", "--region", region))
     group.start("billing", broker_command("billing-worker"))
     if ports.flower is not None:
         group.start("flower", broker_command("flower", "--port", str(ports.flower)))
@@ -69,8 +87,13 @@ def start_system(
     for region, port in (("us", ports.simulator_us), ("hk", ports.simulator_hk)):
         group.wait_http(f"simulator-{region}", f"http://127.0.0.1:{port}/_sim/health")
     group.wait_http("api", f"http://127.0.0.1:{ports.api}/healthz")
-    for pool, name in (("us", "worker-us"), ("hk", "worker-hk"), ("billing", "billing")):
-        group.wait_worker(name, settings.redis_url, pool)
+    per_region = 2 if lane_pools else 1
+    for pool, name, count in (
+        ("us", "worker-us", per_region),
+        ("hk", "worker-hk", per_region),
+        ("billing", "billing", 1),
+    ):
+        group.wait_worker(name, settings.redis_url, pool, count)
     if ports.flower is not None:
         group.wait_until("flower", lambda: _port_open(ports.flower))
 
