@@ -21,6 +21,10 @@ A group keeps the guarantees of ``broker.jobstore.create_job``, which writes one
 
 Jobs of a key with a monthly spending limit always take the single-job path, because
 its check locks the key's row and sums the key's jobs of the month.
+
+After the commit, the task messages of the group's jobs are published with one call
+of ``publish`` (one round trip to Redis) instead of one per request. If that fails,
+each request publishes its own job again or abandons it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -78,15 +83,22 @@ INSERT_JOBS = insert(JOBS)
 JOB_COLUMN_KEYS = {attr.key: attr.columns[0].key for attr in Job.__mapper__.column_attrs}
 
 
+# Results of a pending job's future.
+PUBLISHED = "published"  # committed, and its message published with the group's
+COMMITTED = "committed"  # committed, and its message still to be published
+ALONE = "alone"  # to be created alone through ``create_job``
+
+
 @dataclass(eq=False)
 class PendingJob:
-    """A job waiting for a flush. The future's result is True once the job is
-    committed, or False when the request must create it alone through ``create_job``."""
+    """A job waiting for a flush, and the message to publish once it is committed. The
+    future's result is one of PUBLISHED, COMMITTED and ALONE."""
 
     wallet_id: str
     hold: int
     values: dict[str, Any]
-    future: asyncio.Future[bool]
+    message: Any
+    future: asyncio.Future[str]
 
 
 @dataclass
@@ -103,11 +115,15 @@ class JobGroupCommit:
     """Creates the jobs of concurrent requests in shared transactions; one per API process."""
 
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], max_group_size: int = MAX_GROUP_SIZE
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        publish: Callable[[list[Any]], Awaitable[None]] | None = None,
+        max_group_size: int = MAX_GROUP_SIZE,
     ) -> None:
         if max_group_size < 1:
             raise ValueError(f"max_group_size must be at least 1, got {max_group_size}")
         self.sessions = sessions
+        self.publish = publish
         self.max_group_size = max_group_size
         self._pending: deque[PendingJob] = deque()
         self._flusher: asyncio.Task[None] | None = None
@@ -127,13 +143,16 @@ class JobGroupCommit:
         hold: int,
         values: dict[str, Any],
         monthly_limit: int | None = None,
-    ) -> None:
+        message: Any = None,
+    ) -> bool:
         """Hold ``hold`` micro-USD on the wallet and insert the job, as
-        ``broker.jobstore.create_job`` does.
+        ``broker.jobstore.create_job`` does; then publish ``message`` if one is given.
 
-        Raises InsufficientFunds when the wallet (or the key's monthly limit) cannot
-        cover the hold, and DuplicateIdempotencyKey when the account already has a job
-        with the same key.
+        Returns whether the message was published: False when the job was created
+        alone or publishing failed, and the caller must publish it. Raises
+        InsufficientFunds when the wallet (or the key's monthly limit) cannot cover the
+        hold, and DuplicateIdempotencyKey when the account already has a job with the
+        same key.
         """
         if monthly_limit is not None:
             await create_job(
@@ -143,14 +162,16 @@ class JobGroupCommit:
                 values=values,
                 monthly_limit=monthly_limit,
             )
-            return
+            return False
         loop = asyncio.get_running_loop()
-        item = PendingJob(wallet_id, hold, values, loop.create_future())
+        item = PendingJob(wallet_id, hold, values, message, loop.create_future())
         self._pending.append(item)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_pending())
-        if not await item.future:
+        result = await item.future
+        if result == ALONE:
             await create_job(self.sessions, wallet_id=wallet_id, hold=hold, values=values)
+        return result == PUBLISHED
 
     async def _flush_pending(self) -> None:
         try:
@@ -167,7 +188,7 @@ class JobGroupCommit:
             # Only reached with jobs pending when this task was cancelled (at shutdown):
             # their requests create them alone instead of waiting for a flush.
             while self._pending:
-                _resolve(self._pending.popleft(), False)
+                _resolve(self._pending.popleft(), ALONE)
 
     async def _flush(self, group: list[PendingJob]) -> None:
         """Write a group in one transaction, then resolve each request's future."""
@@ -200,21 +221,40 @@ class JobGroupCommit:
                     group[0].values.get("id"),
                 )
             for item in group:
-                _resolve(item, False)
+                _resolve(item, ALONE)
             return
-        for item in outcome.held:
-            _resolve(item, True)
         for item, error in outcome.rejected.items():
             if not item.future.done():
                 item.future.set_exception(error)
         for item in outcome.alone:
-            _resolve(item, False)
+            _resolve(item, ALONE)
+        # Published even for a request cancelled meanwhile: its job is committed.
+        await self._publish_held(outcome.held)
+
+    async def _publish_held(self, held: list[PendingJob]) -> None:
+        messages = [item.message for item in held if item.message is not None]
+        result = COMMITTED
+        try:
+            if self.publish is not None and messages:
+                await self.publish(messages)
+                result = PUBLISHED
+        except Exception as exc:  # noqa: BLE001  (each request publishes its own again)
+            logger.warning(
+                "publishing %d jobs (first %s) failed, each request retries alone: %s: %s",
+                len(messages),
+                held[0].values.get("id"),
+                type(exc).__name__,
+                exc,
+            )
+        finally:
+            for item in held:
+                _resolve(item, result if item.message is not None else COMMITTED)
 
 
-def _resolve(item: PendingJob, created: bool) -> None:
+def _resolve(item: PendingJob, result: str) -> None:
     # The future is already done when its request was cancelled during the flush.
     if not item.future.done():
-        item.future.set_result(created)
+        item.future.set_result(result)
 
 
 async def _write_group(

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -49,7 +49,7 @@ from broker.router import (
     resolve_model,
 )
 from broker.tables import utcnow
-from workers.app import encode_job_message
+from workers.app import RedisMessage, encode_job_message
 from workers.markers import queued_key
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,13 @@ MARKER_MARGIN_S = 300
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
+
+
+class JobMessage(NamedTuple):
+    """A job's task message, ready to push, and the job it runs."""
+
+    job_id: str
+    message: RedisMessage
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,8 @@ class Intake:
         self.wait_timeout_s = wait_timeout_s
         self.job_timeout_s = job_timeout_s
         # Concurrent requests share the transaction that reserves their worst-case cost
-        # and inserts their job (see broker/group_commit.py).
-        self.jobs = JobGroupCommit(sessions)
+        # and inserts their job, and the round trip that publishes their messages.
+        self.jobs = JobGroupCommit(sessions, publish=self._publish_messages)
 
     def prepare_chat(
         self, body: dict[str, Any], request: ChatCompletionRequest, principal: Principal
@@ -272,17 +279,21 @@ class Intake:
             "created_at": now,
             **submission.job_fields,
         }
+        message = JobMessage(job_id, encode_job_message(self.celery, spec, target.queue))
         try:
-            await self.jobs.create_job(
+            published = await self.jobs.create_job(
                 wallet_id=principal.wallet_id,
                 hold=submission.hold,
                 values=values,
                 monthly_limit=principal.monthly_limit_micro_usd,
+                message=message,
             )
         except DuplicateIdempotencyKey:
             return False
+        if published:
+            return True
         try:
-            await self._publish(spec, target)
+            await self._publish_messages([message])
         except (RedisError, OSError) as exc:
             logger.warning("could not publish job %s: %s: %s", job_id, type(exc).__name__, exc)
             error = ServiceUnavailable(
@@ -321,18 +332,19 @@ class Intake:
             **submission.target.to_spec(),
         }
 
-    async def _publish(self, spec: dict[str, Any], target: Target) -> None:
-        """Mark the job as queued and push its task message, in one round trip.
+    async def _publish_messages(self, messages: list[JobMessage]) -> None:
+        """Mark the jobs as queued and push their task messages, in one round trip.
 
-        The message is the one Celery's ``send_task`` would write, pushed on this
+        The messages are the ones Celery's ``send_task`` would write, pushed on this
         process's asyncio client, because Celery's producer blocks the event loop.
-        MULTI/EXEC applies the marker and the push together or not at all. Raises
+        MULTI/EXEC applies the markers and the pushes together or not at all. Raises
         RedisError when Redis cannot be reached after the client's retries.
         """
-        message = encode_job_message(self.celery, spec, target.queue)
+        marker_s = int(self.job_timeout_s + MARKER_MARGIN_S)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(queued_key(spec["job_id"]), b"1", ex=int(self.job_timeout_s + MARKER_MARGIN_S))
-            pipe.lpush(message.key, message.payload)
+            for job_id, message in messages:
+                pipe.set(queued_key(job_id), b"1", ex=marker_s)
+                pipe.lpush(message.key, message.payload)
             await pipe.execute()
 
     async def _replay(self, principal: Principal, submission: Submission) -> dict[str, Any]:

@@ -181,7 +181,8 @@ async def submit_all(writer: JobGroupCommit, requests: list[Request]) -> list[An
         return_exceptions=True,
     )
     return [
-        v["id"] if outcome is None else outcome for v, outcome in zip(values, outcomes, strict=True)
+        outcome if isinstance(outcome, BaseException) else v["id"]
+        for v, outcome in zip(values, outcomes, strict=True)
     ]
 
 
@@ -389,4 +390,69 @@ def test_arrivals_during_flush_wait(database: Database) -> None:
     assert all(isinstance(outcome, str) for outcome in rest)
     assert flushes == 2
     assert database.held(account) == 900
+    assert database.ledger_ok(account)
+
+
+def run_with_publisher(
+    url: str, publish: Callable[[list[Any]], Awaitable[None]], requests: list[Request]
+) -> tuple[list[Any], list[str], int]:
+    """Create the jobs concurrently with messages; returns each create_job's result or
+    exception, the job ids and the flush count."""
+
+    async def main() -> tuple[list[Any], list[str], int]:
+        engine = make_async_engine(url, pool_size=4)
+        writer = JobGroupCommit(async_session_factory(engine), publish=publish)
+        values = [job_values(request) for request in requests]
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    writer.create_job(
+                        wallet_id=request.account.wallet_id,
+                        hold=request.hold,
+                        values=v,
+                        message=f"message of {v['id']}",
+                    )
+                    for request, v in zip(requests, values, strict=True)
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            await engine.dispose()
+        return list(outcomes), [v["id"] for v in values], writer.flushes
+
+    return asyncio.run(main())
+
+
+def test_group_publishes_held_jobs_once(database: Database) -> None:
+    rich = database.new_account(10_000)
+    empty = database.new_account(0)
+    calls: list[list[Any]] = []
+
+    async def publish(messages: list[Any]) -> None:
+        calls.append(messages)
+
+    requests = [Request(rich, 100), Request(empty, 10), Request(rich, 200)]
+    outcomes, job_ids, flushes = run_with_publisher(database.url, publish, requests)
+
+    assert flushes == 1
+    assert outcomes[0] is True
+    assert isinstance(outcomes[1], InsufficientFunds)
+    assert outcomes[2] is True
+    assert calls == [[f"message of {job_ids[0]}", f"message of {job_ids[2]}"]]
+    assert database.job_ids(rich) == {job_ids[0], job_ids[2]}
+
+
+def test_failed_group_publish_leaves_jobs(database: Database) -> None:
+    account = database.new_account(10_000)
+
+    async def publish(messages: list[Any]) -> None:
+        raise ConnectionError("Redis is down")
+
+    requests = [Request(account, 100), Request(account, 200)]
+    outcomes, job_ids, _ = run_with_publisher(database.url, publish, requests)
+
+    # create_job returns False, so each request publishes its own job, still created and held.
+    assert outcomes == [False, False]
+    assert database.job_ids(account) == set(job_ids)
+    assert database.held(account) == 300
     assert database.ledger_ok(account)

@@ -32,7 +32,7 @@ from broker.catalog import load_catalog
 from broker.chat_request import ChatCompletionRequest
 from broker.db import async_session_factory, make_async_engine, make_engine, session_factory
 from broker.errors import ServiceUnavailable
-from broker.intake import MARKER_MARGIN_S, Intake, Principal, Submission
+from broker.intake import MARKER_MARGIN_S, Intake, JobMessage, Principal, Submission
 from broker.ledger import check_wallet, top_up
 from broker.migrate import upgrade
 from broker.processes import free_port
@@ -43,6 +43,7 @@ from workers.app import (
     BILLING_QUEUE,
     RUN_JOB_TASK,
     SETTLE_JOBS_TASK,
+    encode_job_message,
     encode_settle_message,
     job_kwargsrepr,
     make_celery,
@@ -119,7 +120,8 @@ def test_intake_message_matches_send_task(
 
     async def publish() -> tuple[float, float]:
         before = time.time()
-        await intake._publish(spec, submission.target)
+        message = encode_job_message(intake.celery, spec, queue)
+        await intake._publish_messages([JobMessage("job_compare", message)])
         after = time.time()
         await intake.redis.aclose()
         return before, after
@@ -133,7 +135,7 @@ def test_intake_message_matches_send_task(
         marker_ttl = client.ttl(queued_key("job_compare"))
         priority_lists = client.keys(f"{queue}\x06\x16*")
     assert len(entries) == 2
-    # LPUSH puts the newest entry first: the one from Intake._publish.
+    # LPUSH puts the newest entry first: the one from Intake._publish_messages.
     new, old = (decode(entry) for entry in entries)
 
     assert without_unique_fields(new) == without_unique_fields(old)
@@ -190,7 +192,8 @@ def test_worker_started_later_runs_pushed_job(publish_redis: RedisServer, tmp_pa
     queue = submission.target.queue
 
     async def publish() -> None:
-        await intake._publish(spec, submission.target)
+        message = encode_job_message(intake.celery, spec, queue)
+        await intake._publish_messages([JobMessage("job_later", message)])
         await intake.redis.aclose()
 
     asyncio.run(publish())
