@@ -6,17 +6,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.accounts import create_account
-from broker.db import make_engine, session_factory
+from broker.db import is_sqlite, make_engine, session_factory
 from broker.ids import new_id
 from broker.ledger import check_wallet, credit, settle_jobs
-from broker.tables import Job, LedgerEntry, Wallet, utcnow
+from broker.tables import Batch, Job, LedgerEntry, Wallet, utcnow
+from workers import billing
+from workers.batch_stop import settle_stopped
 from workers.group_commit import GroupCommit
+
+# Seconds a test waits for another transaction to block on a row lock.
+LOCK_WAIT_TIMEOUT_S = 10.0
 
 # $2 and $8 per million tokens, in micro-USD per million tokens.
 INPUT_PRICE = 2_000_000
@@ -71,6 +78,86 @@ def _add_job(session: Session, account_id: str, status: str, prompt: int, comple
 def sessions(migrated_database: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(migrated_database, pool_size=1)
     yield session_factory(engine)
+    engine.dispose()
+
+
+def _wait_for_lock_waiter(sessions: sessionmaker[Session]) -> None:
+    """Wait until a transaction of this database waits for a row lock."""
+    deadline = time.monotonic() + LOCK_WAIT_TIMEOUT_S
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            if session.scalar(query):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no transaction waited for a lock within {LOCK_WAIT_TIMEOUT_S:g} s")
+
+
+def test_settlement_and_batch_stop_share_lock_order(
+    migrated_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if is_sqlite(migrated_database):
+        pytest.skip("SQLite runs one writer at a time, so it has no row locks to order")
+    engine = make_engine(migrated_database, pool_size=4)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        account, wallet = create_account(session, "stopping")
+        credit(session, account.id, 1_000_000, kind="topup")
+        now = utcnow()
+        batch_id = new_id("batch")
+        session.add(
+            Batch(
+                id=batch_id,
+                account_id=account.id,
+                endpoint="/v1/chat/completions",
+                input_file_id="file_x",
+                completion_window="24h",
+                status="cancelling",
+                total=2,
+                created_at=now,
+                expires_at=now + timedelta(hours=1),
+            )
+        )
+        session.flush()
+        job_ids = [_add_job(session, account.id, "cancelled", 0, 0) for _ in range(2)]
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(batch_id=batch_id))
+    ctx = SimpleNamespace(sessions=sessions, settings=SimpleNamespace())
+    errors: dict[str, BaseException] = {}
+    real_on_jobs_settled = billing.on_jobs_settled
+
+    def on_jobs_settled_then_wait(session: Session, ids: list[str], settings: Any) -> Any:
+        # The batch's row is now locked. Keep it, before the wallet update, until the
+        # batch stop below waits for a lock.
+        after = real_on_jobs_settled(session, ids, settings)
+        _wait_for_lock_waiter(sessions)
+        return after
+
+    monkeypatch.setattr(billing, "on_jobs_settled", on_jobs_settled_then_wait)
+
+    def settle_first() -> None:
+        try:
+            billing.settle_together(ctx, [job_ids[0]])
+        except Exception as exc:  # noqa: BLE001  (checked below)
+            errors["settle_together"] = exc
+
+    settler = threading.Thread(target=settle_first)
+    settler.start()
+    try:
+        # The settler locks the first job's row, so this stop settles the second.
+        settle_stopped(ctx, batch_id)
+    except Exception as exc:  # noqa: BLE001  (checked below)
+        errors["settle_stopped"] = exc
+    settler.join(LOCK_WAIT_TIMEOUT_S * 2)
+
+    assert not settler.is_alive()
+    assert errors == {}
+    with sessions() as session:
+        assert all(session.get(Job, job_id).settled_at is not None for job_id in job_ids)
+        assert session.get(Wallet, wallet.id).held_micro_usd == 0
+        assert check_wallet(session, wallet.id).ok
     engine.dispose()
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from broker.ledger import FINAL_STATUSES, settle_job
 from broker.replies import CANCEL_TTL_S
-from broker.tables import Job, utcnow
+from broker.tables import Batch, Job, utcnow
 from workers.batch_jobs import ACTIVE_STATUSES
 from workers.context import WorkerContext
 from workers.job_events import AfterSettle, on_job_settled
@@ -61,8 +61,9 @@ def _stop_published(ctx: WorkerContext, batch_id: str, status: str, error: dict[
 def settle_stopped(ctx: WorkerContext, batch_id: str) -> AfterSettle:
     """Settle every finished, unsettled job of the batch; returns the last follow-ups.
 
-    The chunk's job rows are locked first and rows the billing worker is settling are
-    skipped, so both take job, wallet and batch locks in the same order (no deadlock).
+    The chunk's job rows are locked first, skipping rows the billing worker is settling,
+    then the batch's row, then the wallet's: the order of the billing worker's
+    settlements (``ledger.settle_jobs``), so the two cannot deadlock.
     """
     merged = AfterSettle()
     while True:
@@ -77,6 +78,10 @@ def settle_stopped(ctx: WorkerContext, batch_id: str) -> AfterSettle:
                 .limit(SETTLE_CHUNK)
                 .with_for_update(skip_locked=True)
             ).all()
+            if job_ids:
+                session.execute(
+                    select(Batch.id).where(Batch.id == batch_id).with_for_update(key_share=True)
+                )
             for job_id in job_ids:
                 if settle_job(session, job_id) is None:
                     continue
