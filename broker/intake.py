@@ -102,6 +102,9 @@ class Submission:
     # ``job_fields`` adds columns such as ``webhook_url`` and ``job_metadata``.
     detached: bool = False
     job_fields: dict[str, Any] = field(default_factory=dict)
+    # The row of the job this submission created, once created: Job attribute names
+    # and the values inserted.
+    created: dict[str, Any] | None = None
 
     @property
     def target(self) -> Target:
@@ -290,6 +293,7 @@ class Intake:
             )
         except DuplicateIdempotencyKey:
             return False
+        submission.created = values
         if published:
             return True
         try:

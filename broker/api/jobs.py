@@ -151,7 +151,12 @@ async def create_job(request: Request, caller: Caller) -> ORJSONResponse:
     submission.idempotency_key = key
     submission.job_fields = {"webhook_url": webhook_url, "job_metadata": metadata}
     job_id = await services(request).intake.submit_async(caller, submission)
-    job = await _owned_job(request, caller, job_id)
+    if submission.created is not None and submission.created["id"] == job_id:
+        # The job as inserted, without reading it back: it is a new job, still queued.
+        job = Job(**submission.created)
+    else:
+        # A repeated Idempotency-Key: the job that first used it, as it is now.
+        job = await _owned_job(request, caller, job_id)
     return ORJSONResponse(job_object(job), status_code=202)
 
 
