@@ -26,7 +26,7 @@ FAILURE_WINDOW_S = 30
 OPEN_COOLDOWN_S = 10
 # Seconds one probe may take before another worker may probe instead.
 PROBE_TIMEOUT_S = 30
-# Seconds a region counts as alive after a worker's last heartbeat.
+# Seconds a region's lane counts as alive after the last heartbeat of a worker of it.
 REGION_ALIVE_TTL_S = 15
 
 
@@ -38,8 +38,13 @@ def _key(target: str, part: str) -> str:
     return f"broker:circuit:{target}:{part}"
 
 
-def region_alive_key(region: str) -> str:
-    return f"broker:region-alive:{region}"
+def region_alive_key(region: str, lane: str) -> str:
+    """Return the key that the workers consuming a region's lane keep alive.
+
+    Per lane, because a region may run a pool per lane: a live batch pool must not
+    make the region look alive to interactive calls whose pool died.
+    """
+    return f"broker:region-alive:{region}:{lane}"
 
 
 class CircuitBreaker:
@@ -93,15 +98,16 @@ class CircuitBreaker:
         if not indexes:
             return None
         targets = [(route[i]["provider"], route[i]["region"]) for i in indexes]
-        unavailable = self.unavailable(targets)
+        unavailable = self.unavailable(targets, route[indexes[0]].get("lane", "interactive"))
         for index, target in zip(indexes, targets, strict=True):
             if target not in unavailable:
                 return index
         return None
 
-    def unavailable(self, targets: list[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Return the (provider, region) pairs that are open or whose region has no worker."""
-        return _unavailable(targets, self.client.mget(_lookup_keys(targets)))
+    def unavailable(self, targets: list[tuple[str, str]], lane: str) -> set[tuple[str, str]]:
+        """Return the (provider, region) pairs that are open or whose region has no worker
+        consuming ``lane``."""
+        return _unavailable(targets, self.client.mget(_lookup_keys(targets, lane)))
 
 
 def state_keys(target: str) -> list[str]:
@@ -117,10 +123,10 @@ def state_from(is_open: bytes | None, tripped: bytes | None) -> str:
     return "half_open" if tripped else "closed"
 
 
-def _lookup_keys(targets: list[tuple[str, str]]) -> list[str]:
+def _lookup_keys(targets: list[tuple[str, str]], lane: str) -> list[str]:
     regions = sorted({region for _, region in targets})
     return [_key(target_name(p, r), "open") for p, r in targets] + [
-        region_alive_key(region) for region in regions
+        region_alive_key(region, lane) for region in regions
     ]
 
 
@@ -137,10 +143,10 @@ def _unavailable(
 
 
 async def unavailable_targets(
-    client: aioredis.Redis, targets: list[tuple[str, str]]
+    client: aioredis.Redis, targets: list[tuple[str, str]], lane: str
 ) -> set[tuple[str, str]]:
     """Return the unavailable targets of a route plan with one MGET (the API's side of
     ``CircuitBreaker.unavailable``)."""
     if not targets:
         return set()
-    return _unavailable(targets, await client.mget(_lookup_keys(targets)))
+    return _unavailable(targets, await client.mget(_lookup_keys(targets, lane)))

@@ -143,6 +143,7 @@ def worker(
         {
             "BROKER_WORKER_POOL": region,
             "BROKER_WORKER_REGION": region,
+            "BROKER_WORKER_LANES": lanes,
             # The process sizes its HTTP clients and Redis pool from the setting.
             "BROKER_WORKER_CONCURRENCY": str(concurrency or settings.worker_concurrency),
             **({"BROKER_WORKER_METRICS_PORT": str(metrics_port)} if metrics_port else {}),

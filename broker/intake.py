@@ -313,7 +313,9 @@ class Intake:
     async def _choose_start(self, plan: list[Target]) -> int:
         """Return the first target whose circuit is closed and whose region has workers."""
         try:
-            unavailable = await unavailable_targets(self.redis, [t.key for t in plan])
+            unavailable = await unavailable_targets(
+                self.redis, [t.key for t in plan], plan[0].lane if plan else "interactive"
+            )
         except RedisError:
             return 0
         for index, target in enumerate(plan):

@@ -104,8 +104,10 @@ class Settings(BaseSettings):
 
     # Processes uvicorn runs for the API.
     api_workers: int = 1
-    # Region a worker process serves; set by ``broker worker --region``.
+    # Region a worker process serves and its lanes, comma-separated; set by
+    # ``broker worker --region --lanes``.
     worker_region: str | None = None
+    worker_lanes: str = "interactive,batch"
 
     # Per-key limits, requests and worst-case tokens per minute; None turns one off.
     rate_limit_rpm: int | None = None

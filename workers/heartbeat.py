@@ -49,9 +49,14 @@ def live_workers(client: redis.Redis, pool: str) -> list[str]:
 
 
 def start_heartbeat(
-    redis_url: str, pool: str, hostname: str | None = None, region: str | None = None
+    redis_url: str,
+    pool: str,
+    hostname: str | None = None,
+    region: str | None = None,
+    lanes: tuple[str, ...] = (),
 ) -> threading.Event:
-    """Refresh this worker's key (and its region's) until the returned event is set."""
+    """Refresh this worker's key (and the alive keys of its region's ``lanes``) until the
+    returned event is set."""
     client = redis.Redis.from_url(redis_url)
     key = heartbeat_key(pool, hostname or socket.gethostname())
     stop = threading.Event()
@@ -61,8 +66,8 @@ def start_heartbeat(
             try:
                 pipe = client.pipeline(transaction=False)
                 pipe.set(key, "1", ex=HEARTBEAT_TTL_S)
-                if region:
-                    pipe.set(region_alive_key(region), "1", ex=REGION_ALIVE_TTL_S)
+                for lane in lanes if region else ():
+                    pipe.set(region_alive_key(region, lane), "1", ex=REGION_ALIVE_TTL_S)
                 pipe.execute()
             except redis.RedisError as exc:
                 logger.warning("heartbeat %s could not be written: %s", key, exc)

@@ -38,8 +38,13 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     pool = os.environ.get(POOL_ENV)
     set_node_name(sender.hostname)
     if pool:
+        settings = get_settings()
         _stop_heartbeat = start_heartbeat(
-            get_settings().redis_url, pool, worker_identity(), region=get_settings().worker_region
+            settings.redis_url,
+            pool,
+            worker_identity(),
+            region=settings.worker_region,
+            lanes=tuple(settings.worker_lanes.split(",")),
         )
     port = get_settings().worker_metrics_port
     if port:
