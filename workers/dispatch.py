@@ -9,7 +9,6 @@ from collections import defaultdict
 from typing import Any
 
 from celery import Task
-from redis.exceptions import RedisError
 from sqlalchemy import Connection, Update, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -229,26 +228,36 @@ def hand_back(
     gets its done marker, so later copies stop at the start check instead of calling the
     upstream. If Redis cannot be reached, the sweeper sends the jobs to be settled, a
     waiting request reads the result from the database, and the leases expire.
+
+    The outcomes are stored whatever happens here, so nothing here raises: an error
+    is logged and affects only what it concerns.
     """
     pipe = ctx.redis.pipeline(transaction=False)
     settle = [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
     if settle:
-        message = encode_settle_message(celery_app, settle)
-        pipe.lpush(message.key, message.payload)
+        try:
+            message = encode_settle_message(celery_app, settle)
+            pipe.lpush(message.key, message.payload)
+        except Exception:
+            logger.exception("could not encode the settle task of %d jobs", len(settle))
     for (spec, outcome), ok in zip(finished, stored, strict=True):
         if ok is True or ok is False:
             pipe.set(done_key(spec["job_id"]), b"1", ex=DONE_TTL_S)
         if ok is True:
-            queue_final_reply(pipe, spec, outcome)
+            try:
+                queue_final_reply(pipe, spec, outcome)
+            except Exception:
+                logger.exception("could not encode the reply of job %s", spec["job_id"])
             pipe.delete(lease_key(spec["job_id"]))
     try:
         pipe.execute()
-    except RedisError as exc:
+    except Exception as exc:  # noqa: BLE001  (logged; see the docstring for the repair)
         first = finished[0][0]["job_id"]
         logger.warning(
-            "sending the replies and settle task of %d jobs (first %s) failed: %s",
+            "sending the replies and settle task of %d jobs (first %s) failed: %s: %s",
             len(finished),
             first,
+            type(exc).__name__,
             exc,
         )
 
@@ -323,12 +332,14 @@ def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
     holder = lease_holder(spec["region"])
     lease_s = int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
     # One round trip: the done marker, the lease (taken if free) and the circuit state.
+    # The lease first: a copy finishing elsewhere sets the done marker before it frees
+    # the lease, so once this SET NX succeeds the EXISTS after it sees the marker.
     pipe = ctx.redis.pipeline(transaction=False)
-    pipe.exists(done_key(job_id))
     pipe.set(lease_key(job_id), holder, nx=True, ex=lease_s)
+    pipe.exists(done_key(job_id))
     pipe.get(lease_key(job_id))
     pipe.mget(state_keys(target_name(spec["provider"], spec["region"])))
-    done, lease_taken, current, circuit = pipe.execute()
+    lease_taken, done, current, circuit = pipe.execute()
     if done:
         if lease_taken:
             ctx.redis.delete(lease_key(job_id))

@@ -82,7 +82,7 @@ def _message_lost(ctx: WorkerContext, job: Job) -> bool:
     lease, queued = ctx.redis.mget(lease_key(job.id), queued_key(job.id))
     if lease:
         # TODO: a live worker that lost its broker connection keeps the lease of a job it
-        # will not run, so the job waits for Redis's visibility timeout.
+        # will not run, so the job waits until the sweeper expires it at its deadline.
         return not holder_alive(ctx.redis, lease)
     if not queued:
         return True
