@@ -512,8 +512,9 @@ def render(
         f"- Command: `{broker['command']}`.",
         f"- System: `start_system` with a private redis-server on a free port and a fresh "
         f"PostgreSQL database on 127.0.0.1:5432 (dropped afterwards); "
-        f"{settings['api_workers']} API process (uvicorn, uvloop, httptools), one Celery "
-        f"gevent worker per region with {settings['worker_concurrency']} greenlets, the "
+        f"{settings['api_workers']} API process (uvicorn, uvloop, httptools), two Celery "
+        f"gevent workers per region, one per lane (interactive, batch), each with "
+        f"{settings['worker_concurrency']} greenlets, the "
         f"billing worker with {settings['billing_concurrency']} greenlets, "
         "`BROKER_LOG_LEVEL=WARNING`.",
         f"- Request: `{broker['request_summary']}`. The simulator replies with at most that "
