@@ -126,12 +126,14 @@ def test_settlement_and_batch_stop_share_lock_order(
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(batch_id=batch_id))
     ctx = SimpleNamespace(sessions=sessions, settings=SimpleNamespace())
     errors: dict[str, BaseException] = {}
+    batch_locked = threading.Event()
     real_on_jobs_settled = billing.on_jobs_settled
 
     def on_jobs_settled_then_wait(session: Session, ids: list[str], settings: Any) -> Any:
         # The batch's row is now locked. Keep it, before the wallet update, until the
         # batch stop below waits for a lock.
         after = real_on_jobs_settled(session, ids, settings)
+        batch_locked.set()
         _wait_for_lock_waiter(sessions)
         return after
 
@@ -144,21 +146,25 @@ def test_settlement_and_batch_stop_share_lock_order(
             errors["settle_together"] = exc
 
     settler = threading.Thread(target=settle_first)
-    settler.start()
     try:
-        # The settler locks the first job's row, so this stop settles the second.
-        settle_stopped(ctx, batch_id)
-    except Exception as exc:  # noqa: BLE001  (checked below)
-        errors["settle_stopped"] = exc
-    settler.join(LOCK_WAIT_TIMEOUT_S * 2)
+        settler.start()
+        assert batch_locked.wait(LOCK_WAIT_TIMEOUT_S)
+        try:
+            # The settler holds the first job's row, so this stop settles the second.
+            settle_stopped(ctx, batch_id)
+        except Exception as exc:  # noqa: BLE001  (checked below)
+            errors["settle_stopped"] = exc
+        settler.join(LOCK_WAIT_TIMEOUT_S * 2)
 
-    assert not settler.is_alive()
-    assert errors == {}
-    with sessions() as session:
-        assert all(session.get(Job, job_id).settled_at is not None for job_id in job_ids)
-        assert session.get(Wallet, wallet.id).held_micro_usd == 0
-        assert check_wallet(session, wallet.id).ok
-    engine.dispose()
+        assert not settler.is_alive()
+        assert errors == {}
+        with sessions() as session:
+            assert all(session.get(Job, job_id).settled_at is not None for job_id in job_ids)
+            assert session.get(Wallet, wallet.id).held_micro_usd == 0
+            assert check_wallet(session, wallet.id).ok
+    finally:
+        settler.join(LOCK_WAIT_TIMEOUT_S * 2)
+        engine.dispose()
 
 
 def test_settle_jobs_charges_finished_once(sessions: sessionmaker[Session]) -> None:
