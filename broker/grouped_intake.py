@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from broker.errors import InsufficientFunds
-from broker.jobstore import create_job, insufficient_funds
+from broker.jobstore import create_job, insufficient_funds, used_idempotency_keys
 from broker.tables import Job, LedgerEntry, Wallet, utcnow
 
 logger = logging.getLogger(__name__)
@@ -264,13 +264,22 @@ async def _write_group(
     seen_keys: set[tuple[str, str]] = set()
     alone: list[PendingJob] = []
     by_wallet: defaultdict[str, list[PendingJob]] = defaultdict(list)
+    used = await used_idempotency_keys(
+        connection,
+        [
+            (item.values["account_id"], item.values["idempotency_key"])
+            for item in group
+            if item.values.get("idempotency_key")
+        ],
+    )
     for item in group:
         key = item.values.get("idempotency_key")
         if key:
             account_key = (item.values["account_id"], key)
             # Both rows would violate the unique index and roll the group back, so the
-            # repeat waits for this group's commit and then fails alone.
-            if account_key in seen_keys:
+            # repeat waits for this group's commit and then fails alone. A key already
+            # used also fails alone, before any wallet is locked.
+            if account_key in seen_keys or account_key in used:
                 alone.append(item)
                 continue
             seen_keys.add(account_key)

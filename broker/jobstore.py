@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from broker.errors import InsufficientFunds
 from broker.pricing import job_cost_micro_usd
@@ -47,8 +47,12 @@ async def create_job(
     DuplicateIdempotencyKey when the account already has a job with the same key.
     """
     now = values["created_at"]
+    key = values.get("idempotency_key")
     try:
         async with sessions.begin() as session:
+            connection = await session.connection()
+            if key and await used_idempotency_keys(connection, [(values["account_id"], key)]):
+                raise DuplicateIdempotencyKey(key)
             if monthly_limit is not None:
                 await _check_monthly_limit(session, values["api_key_id"], monthly_limit, hold, now)
             # The check and the hold are one statement, so concurrent requests cannot
@@ -84,6 +88,27 @@ async def create_job(
         if values.get("idempotency_key") and "idempotency" in str(exc.orig).lower():
             raise DuplicateIdempotencyKey(values["idempotency_key"]) from exc
         raise
+
+
+async def used_idempotency_keys(
+    connection: AsyncConnection, keys: list[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Return which (account id, Idempotency-Key) pairs a committed job already has.
+
+    Called before the wallet is locked. Inserting a used key waits for any transaction
+    that updated that job, such as its settlement, which itself waits for the wallet
+    lock: PostgreSQL would end one of the two as a deadlock. A plain read does not
+    wait, so a repeat is found and rejected before it holds anything.
+    """
+    if not keys:
+        return set()
+    rows = await connection.execute(
+        select(Job.account_id, Job.idempotency_key).where(
+            Job.account_id.in_({account for account, _ in keys}),
+            Job.idempotency_key.in_({key for _, key in keys}),
+        )
+    )
+    return {(row.account_id, row.idempotency_key) for row in rows} & set(keys)
 
 
 async def _check_monthly_limit(

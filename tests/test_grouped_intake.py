@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
 
 from broker.accounts import create_account
@@ -272,8 +272,9 @@ def test_group_duplicate_key_fails_alone(database: Database) -> None:
 
     assert isinstance(before[0], str)
     assert flushes == 2
-    # The duplicate rolls the group back, and each job is then created alone.
-    assert failed_flushes == 1
+    # The used key is found before the group writes anything, so the group commits and
+    # only the duplicate is tried alone.
+    assert failed_flushes == 0
     assert isinstance(outcomes[0], DuplicateIdempotencyKey)
     assert all(isinstance(outcome, str) for outcome in outcomes[1:4])
     twice = outcomes[4:]
@@ -456,3 +457,41 @@ def test_failed_group_publish_leaves_jobs(database: Database) -> None:
     assert database.job_ids(account) == set(job_ids)
     assert database.held(account) == 300
     assert database.ledger_ok(account)
+
+
+def test_used_key_rejected_while_job_settles(database: Database) -> None:
+    if is_sqlite(database.url):
+        pytest.skip("SQLite runs one writer at a time, so no insert waits on another's row")
+    account = database.new_account(10_000)
+    first = run_with_writers(
+        database.url,
+        1,
+        lambda writer: submit_all(writer, [Request(account, 100, idempotency_key="settling")]),
+    )
+    assert isinstance(first[0], str)
+    # An insert that waits on a lock fails after this long instead of hanging the test.
+    with database.engine.connect() as connection:
+        connection.execute(
+            text(f"ALTER DATABASE {connection.engine.url.database} SET lock_timeout = '5s'")
+        )
+        connection.commit()
+
+    # A settlement's first statement updates the job's row, which stays locked until its
+    # commit; the settlement then waits for the wallet. The repeat must not lock the
+    # wallet and then wait for that row.
+    with database.engine.connect() as settlement:
+        transaction = settlement.begin()
+        settlement.execute(update(Job).where(Job.id == first[0]).values(settled_at=utcnow()))
+        repeat = run_with_writers(
+            database.url,
+            1,
+            lambda writer: submit_all(writer, [Request(account, 200, idempotency_key="settling")]),
+        )
+        settlement.execute(
+            update(Wallet).where(Wallet.id == account.wallet_id).values(updated_at=utcnow())
+        )
+        transaction.rollback()
+
+    assert isinstance(repeat[0], DuplicateIdempotencyKey)
+    assert database.held(account) == 100
+    assert database.jobs_with_key(account, "settling") == 1
