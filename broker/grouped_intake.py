@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # Max jobs written in one transaction. Larger groups hold the wallet locks longer and
 # make every job of the group wait for the slowest statement.
 MAX_GROUP_SIZE = 256
+# Seconds a group's publish may take before its requests publish their jobs alone. A
+# publish that still lands after that leaves a second message, which the workers drop.
+PUBLISH_TIMEOUT_S = 5.0
 
 WALLETS = Wallet.__table__
 LEDGER_ENTRIES = LedgerEntry.__table__
@@ -127,6 +130,9 @@ class JobGroupCommit:
         self.max_group_size = max_group_size
         self._pending: deque[PendingJob] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        # Publishes run beside the flusher, so a slow Redis does not hold up the next
+        # group's transaction. The set keeps a reference to each running task.
+        self._publishing: set[asyncio.Task[None]] = set()
         # Number of group transactions attempted, and of those rolled back.
         self.flushes = 0
         self.failed_flushes = 0
@@ -229,14 +235,17 @@ class JobGroupCommit:
         for item in outcome.alone:
             _resolve(item, ALONE)
         # Published even for a request cancelled meanwhile: its job is committed.
-        await self._publish_held(outcome.held)
+        if outcome.held:
+            task = asyncio.get_running_loop().create_task(self._publish_held(outcome.held))
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
 
     async def _publish_held(self, held: list[PendingJob]) -> None:
         messages = [item.message for item in held if item.message is not None]
         result = COMMITTED
         try:
             if self.publish is not None and messages:
-                await self.publish(messages)
+                await asyncio.wait_for(self.publish(messages), PUBLISH_TIMEOUT_S)
                 result = PUBLISHED
         except Exception as exc:  # noqa: BLE001  (each request publishes its own again)
             logger.warning(

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
 
+from broker import grouped_intake
 from broker.accounts import create_account
 from broker.db import async_session_factory, is_sqlite, make_async_engine, make_engine
 from broker.db import session_factory as sync_session_factory
@@ -495,3 +496,19 @@ def test_used_key_rejected_while_job_settles(database: Database) -> None:
     assert isinstance(repeat[0], DuplicateIdempotencyKey)
     assert database.held(account) == 100
     assert database.jobs_with_key(account, "settling") == 1
+
+
+def test_stuck_group_publish_times_out(database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grouped_intake, "PUBLISH_TIMEOUT_S", 0.2)
+    account = database.new_account(10_000)
+
+    async def publish(messages: list[Any]) -> None:
+        # A Redis that takes the connection but never answers.
+        await asyncio.Event().wait()
+
+    outcomes, job_ids, _ = run_with_publisher(database.url, publish, [Request(account, 100)])
+
+    # The request publishes its own job after the timeout; the job stays created and held.
+    assert outcomes == [False]
+    assert database.job_ids(account) == set(job_ids)
+    assert database.held(account) == 100
