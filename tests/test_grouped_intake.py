@@ -503,7 +503,7 @@ def test_stuck_group_publish_times_out(database: Database, monkeypatch: pytest.M
     account = database.new_account(10_000)
 
     async def publish(messages: list[Any]) -> None:
-        # A Redis that takes the connection but never answers.
+        # A Redis that accepts the connection but never replies.
         await asyncio.Event().wait()
 
     outcomes, job_ids, _ = run_with_publisher(database.url, publish, [Request(account, 100)])
