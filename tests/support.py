@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from broker.ids import new_id
+from broker.tables import Job, utcnow
 
 T = TypeVar("T")
 
@@ -24,3 +28,32 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def new_job(account_id: str, status: str, **fields: Any) -> Job:
+    """Return an unsaved chat job of the account; ``fields`` replace the defaults.
+
+    A job that is not queued or running gets ``finished_at``.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {
+        "id": new_id("job"),
+        "account_id": account_id,
+        "endpoint": "/v1/chat/completions",
+        "model": "m",
+        "provider": "openai",
+        "region": "us",
+        "lane": "interactive",
+        "status": status,
+        "request": {},
+        "route": [],
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "input_price_micro_usd": 1,
+        "output_price_micro_usd": 1,
+        "hold_micro_usd": 0,
+        "created_at": now,
+        "finished_at": None if status in ("queued", "running") else now,
+        "deadline_at": now + timedelta(minutes=5),
+    }
+    return Job(**{**values, **fields})

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from support import new_job
 
 from broker.accounts import create_account
 from broker.db import make_engine, session_factory
-from broker.ids import new_id
 from broker.tables import Attempt, Job, utcnow
 from workers.adapters.base import UpstreamError, UpstreamResult
 from workers.calls import Outcome
@@ -30,35 +29,11 @@ def sessions(migrated_database: str) -> Iterator[sessionmaker[Session]]:
 
 
 def _add_jobs(sessions: sessionmaker[Session], statuses: list[str]) -> list[str]:
-    job_ids = []
     with sessions.begin() as session:
         account, _ = create_account(session, "outcomes")
-        now = utcnow()
-        for status in statuses:
-            job_id = new_id("job")
-            session.add(
-                Job(
-                    id=job_id,
-                    account_id=account.id,
-                    endpoint="/v1/chat/completions",
-                    model="m",
-                    provider="openai",
-                    region="us",
-                    lane="interactive",
-                    status=status,
-                    request={},
-                    route=[],
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    input_price_micro_usd=1,
-                    output_price_micro_usd=1,
-                    hold_micro_usd=0,
-                    created_at=now,
-                    finished_at=now if status == "succeeded" else None,
-                    deadline_at=now + timedelta(minutes=5),
-                )
-            )
-            job_ids.append(job_id)
+        jobs = [new_job(account.id, status) for status in statuses]
+        session.add_all(jobs)
+        job_ids = [job.id for job in jobs]
     return job_ids
 
 

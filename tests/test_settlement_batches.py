@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
+from support import new_job
 
 from broker.accounts import create_account
 from broker.db import is_sqlite, make_engine, session_factory
@@ -32,30 +33,18 @@ HOLD = 50_000
 
 
 def _add_job(session: Session, account_id: str, status: str, prompt: int, completion: int) -> str:
-    job_id = new_id("job")
-    now = utcnow()
-    session.add(
-        Job(
-            id=job_id,
-            account_id=account_id,
-            endpoint="/v1/chat/completions",
-            model="m",
-            provider="p",
-            region="us",
-            lane="interactive",
-            status=status,
-            request={},
-            route=[],
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            input_price_micro_usd=INPUT_PRICE,
-            output_price_micro_usd=OUTPUT_PRICE,
-            hold_micro_usd=HOLD,
-            created_at=now,
-            finished_at=None if status == "running" else now,
-            deadline_at=now + timedelta(minutes=5),
-        )
+    job = new_job(
+        account_id,
+        status,
+        provider="p",
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        input_price_micro_usd=INPUT_PRICE,
+        output_price_micro_usd=OUTPUT_PRICE,
+        hold_micro_usd=HOLD,
     )
+    job_id, now = job.id, job.created_at
+    session.add(job)
     # The hold the API would have placed with the job.
     wallet = session.scalars(select(Wallet).where(Wallet.account_id == account_id)).one()
     wallet.held_micro_usd += HOLD
