@@ -234,7 +234,8 @@ class JobGroupCommit:
                 item.future.set_exception(error)
         for item in outcome.alone:
             _resolve(item, ALONE)
-        # Published even for a request cancelled meanwhile: its job is committed.
+        # The jobs of requests cancelled meanwhile are published too, because they are
+        # committed.
         if outcome.held:
             task = asyncio.get_running_loop().create_task(self._publish_held(outcome.held))
             self._publishing.add(task)

@@ -98,7 +98,7 @@ async def used_idempotency_keys(
     Called before the wallet is locked. Inserting a used key waits for any transaction
     that updated that job, such as its settlement, which itself waits for the wallet
     lock: PostgreSQL would end one of the two as a deadlock. A plain read does not
-    wait, so a repeat is found and rejected before it holds anything.
+    wait, so a repeat is found and rejected before it locks anything.
     """
     if not keys:
         return set()

@@ -139,7 +139,7 @@ def test_settlement_and_batch_stop_share_lock_order(
         settler.start()
         assert batch_locked.wait(LOCK_WAIT_TIMEOUT_S)
         try:
-            # The settler holds the first job's row, so this stop settles the second.
+            # The settler has locked the first job's row, so this stop settles the second.
             settle_stopped(ctx, batch_id)
         except Exception as exc:  # noqa: BLE001  (checked below)
             errors["settle_stopped"] = exc

@@ -229,8 +229,8 @@ def hand_back(
     upstream. If Redis cannot be reached, the sweeper sends the jobs to be settled, a
     waiting request reads the result from the database, and the leases expire.
 
-    The outcomes are stored whatever happens here, so nothing here raises: an error
-    is logged and affects only what it concerns.
+    The outcomes are already stored, so errors here are logged, not raised, and one
+    job's reply that fails to encode leaves the other jobs' replies alone.
     """
     pipe = ctx.redis.pipeline(transaction=False)
     settle = [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
@@ -333,7 +333,7 @@ def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
     lease_s = int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
     # One round trip: the done marker, the lease (taken if free) and the circuit state.
     # The lease first: a copy finishing elsewhere sets the done marker before it frees
-    # the lease, so once this SET NX succeeds the EXISTS after it sees the marker.
+    # the lease, so once this SET NX succeeds the EXISTS after it finds the marker.
     pipe = ctx.redis.pipeline(transaction=False)
     pipe.set(lease_key(job_id), holder, nx=True, ex=lease_s)
     pipe.exists(done_key(job_id))
