@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Seconds to wait for a PostgreSQL connection before reporting the server unreachable.
 PG_CONNECT_TIMEOUT_S = 5
+# A pooled PostgreSQL connection idle for longer than this is tested with a round trip
+# before it is handed out. One used more recently is not, because on the hot path that
+# test was a round trip per transaction.
+PING_AFTER_IDLE_S = 1.0
+# Key of the connection record's info dict that holds when the connection was returned.
+_RETURNED_AT = "broker_returned_at"
 
 
 def _normalise(url: str, *, asynchronous: bool) -> URL:
@@ -59,6 +67,34 @@ def _install_sqlite_events(engine: Engine) -> None:
     event.listen(engine, "begin", _sqlite_begin)
 
 
+def _ping_idle_connections(engine: Engine) -> None:
+    """Test a connection that sat in the pool for a while before handing it out.
+
+    SQLAlchemy's ``pool_pre_ping`` tests every checkout. This tests only connections
+    idle for more than PING_AFTER_IDLE_S, which is where a restarted or failed-over
+    server leaves dead ones. A connection that died more recently fails its first
+    statement instead; SQLAlchemy then replaces every connection of the pool, and the
+    callers retry or report the error as they do for any lost connection.
+    """
+    dialect = engine.dialect
+
+    def returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_RETURNED_AT] = time.monotonic()
+
+    def checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned_at = record.info.get(_RETURNED_AT)
+        if returned_at is None or time.monotonic() - returned_at < PING_AFTER_IDLE_S:
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            # The pool discards this connection and checks out another (or a new one).
+            raise DisconnectionError(f"pooled connection failed its test: {exc}") from exc
+
+    event.listen(engine, "checkin", returned)
+    event.listen(engine, "checkout", checkout)
+
+
 def json_text(value: Any) -> str:
     """Serialise a JSON column's value: orjson, or the standard library for what orjson
     rejects (integers beyond 64 bits, which a request body may contain)."""
@@ -79,14 +115,15 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> Engi
         )
         _install_sqlite_events(engine)
         return engine
-    return create_engine(
+    engine = create_engine(
         target,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
         json_serializer=json_text,
     )
+    _ping_idle_connections(engine)
+    return engine
 
 
 def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> AsyncEngine:
@@ -100,14 +137,15 @@ def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -
         )
         _install_sqlite_events(engine.sync_engine)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         target,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
         json_serializer=json_text,
     )
+    _ping_idle_connections(engine.sync_engine)
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
