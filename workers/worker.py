@@ -17,6 +17,7 @@ from broker.settings import get_settings
 from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
 from workers.app import celery_app
 from workers.async_pass import start_async_pass
+from workers.gevent_tuning import use_system_poll_for_idle_checks
 from workers.heartbeat import set_node_name, start_heartbeat, worker_identity
 from workers.sweeper import start_sweeper
 
@@ -25,6 +26,7 @@ POOL_ENV = "BROKER_WORKER_POOL"
 
 # httpx logs every request URL at INFO; a URL may carry a provider key (Gemini's ?key=).
 logging.getLogger("httpx").setLevel(logging.WARNING)
+use_system_poll_for_idle_checks()
 
 app = celery_app
 _stop_heartbeat = None
