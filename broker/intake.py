@@ -49,7 +49,7 @@ from broker.router import (
     resolve_model,
 )
 from broker.tables import utcnow
-from workers.app import RedisMessage, encode_job_message
+from workers.app import encode_job_messages
 from workers.markers import queued_key
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
 
 class JobMessage(NamedTuple):
-    """A job's task message, ready to push, and the job it runs."""
+    """What publishing a job needs: its id, its queue and the spec its task runs."""
 
     job_id: str
-    message: RedisMessage
+    queue: str
+    spec: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class Intake:
             "created_at": now,
             **submission.job_fields,
         }
-        message = JobMessage(job_id, encode_job_message(self.celery, spec, target.queue))
+        message = JobMessage(job_id, target.queue, spec)
         try:
             published = await self.jobs.create_job(
                 wallet_id=principal.wallet_id,
@@ -341,16 +342,19 @@ class Intake:
     async def _publish_messages(self, messages: list[JobMessage]) -> None:
         """Mark the jobs as queued and push their task messages, in one round trip.
 
-        The messages are the ones Celery's ``send_task`` would write, pushed on this
-        process's asyncio client, because Celery's producer blocks the event loop.
-        MULTI/EXEC applies the markers and the pushes together or not at all. Raises
-        RedisError when Redis cannot be reached after the client's retries.
+        Jobs of the same queue share a message (``encode_job_messages``). The messages
+        are the ones Celery's ``send_task`` would write, pushed on this process's asyncio
+        client, because Celery's producer blocks the event loop. MULTI/EXEC applies the
+        markers and the pushes together or not at all. Raises RedisError when Redis
+        cannot be reached after the client's retries.
         """
         marker_s = int(self.job_timeout_s + MARKER_MARGIN_S)
+        payloads = encode_job_messages(self.celery, [(m.queue, m.spec) for m in messages])
         async with self.redis.pipeline(transaction=True) as pipe:
-            for job_id, message in messages:
-                pipe.set(queued_key(job_id), b"1", ex=marker_s)
-                pipe.lpush(message.key, message.payload)
+            for message in messages:
+                pipe.set(queued_key(message.job_id), b"1", ex=marker_s)
+            for payload in payloads:
+                pipe.lpush(payload.key, payload.payload)
             await pipe.execute()
 
     async def _replay(self, principal: Principal, submission: Submission) -> dict[str, Any]:

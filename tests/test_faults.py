@@ -7,6 +7,7 @@ PostgreSQL, the production database.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -20,10 +21,10 @@ from harness import RedisServer, Stack, running_stack, start_redis
 from sqlalchemy import func, select
 from support import wait_for
 
-from broker.circuits import FAILURE_THRESHOLD
+from broker.circuits import FAILURE_THRESHOLD, region_alive_key
 from broker.processes import broker_command
 from broker.tables import Attempt, Job, LedgerEntry, Wallet
-from workers.app import make_celery, publish_job
+from workers.app import RUN_JOBS_TASK, encode_job_messages, make_celery, publish_job
 
 # Fault tests sweep every second, so a lost message is found quickly.
 FAST_SWEEP_ENV = {"BROKER_SWEEP_INTERVAL_S": "1"}
@@ -198,6 +199,13 @@ def test_redis_flushed_and_restarted_mid_run(
 def test_region_down_fails_over_then_circuit_closes(
     fault_stack: Stack, simulators: callable
 ) -> None:
+    # A worker fails over only to a region whose workers are known alive. After a Redis
+    # flush (an earlier test) that is known again at the next heartbeat.
+    for region in ("us", "hk"):
+        wait_for(
+            lambda region=region: fault_stack.redis.exists(region_alive_key(region, "interactive")),
+            what=f"the {region} workers' heartbeat",
+        )
     simulators("us", down=True)
     account = fault_stack.new_account()
     client = fault_stack.client(account.api_key, timeout_s=30)
@@ -293,6 +301,54 @@ def test_duplicate_delivery_calls_upstream_once(fault_stack: Stack) -> None:
     assert attempts == 1
     stats = httpx.get(f"{fault_stack.simulator_url(job.region)}/_sim/stats").json()
     assert stats["by_model"][job.dispatch["upstream_model"]] == 1
+
+
+def test_repeated_group_message_runs_once(fault_stack: Stack) -> None:
+    """Jobs published together share a message; copies of it, whole or per job, run
+    each job once."""
+    account = fault_stack.new_account()
+    model = "mistral-medium-3.1"
+    fault_stack.group.stop("worker-us")
+    fault_stack.group.stop("worker-hk")
+    try:
+        client = fault_stack.client(account.api_key, timeout_s=2)
+        for number in range(3):
+            with pytest.raises(openai.APITimeoutError):
+                client.chat.completions.create(
+                    model=model,
+                    max_tokens=20,
+                    messages=[{"role": "user", "content": f"Job {number}."}],
+                )
+        with fault_stack.sessions() as session:
+            jobs = session.scalars(select(Job).where(Job.account_id == account.id)).all()
+        assert len(jobs) == 3
+        queues = {f"mistral.{job.region}.interactive" for job in jobs}
+        assert len(queues) == 1
+        queue = queues.pop()
+        celery = make_celery()
+        together = encode_job_messages(celery, [(queue, job.dispatch) for job in jobs])
+        alone = encode_job_messages(celery, [(queue, jobs[1].dispatch)])
+        celery.close()
+        assert len(together) == 1
+        assert json.loads(together[0].payload)["headers"]["task"] == RUN_JOBS_TASK
+        for message in [*together, *together, *alone]:
+            fault_stack.redis.lpush(message.key, message.payload)
+    finally:
+        restart_worker(fault_stack, "us")
+        restart_worker(fault_stack, "hk")
+
+    ledger_consistent(fault_stack, account.id, account.wallet_id, 5_000_000)
+    with fault_stack.sessions() as session:
+        attempts = session.execute(
+            select(Attempt.job_id, func.count())
+            .where(Attempt.job_id.in_([job.id for job in jobs]))
+            .group_by(Attempt.job_id)
+        ).all()
+        statuses = session.scalars(select(Job.status).where(Job.account_id == account.id)).all()
+    assert sorted(count for _, count in attempts) == [1, 1, 1]
+    assert statuses == ["succeeded"] * 3
+    stats = httpx.get(f"{fault_stack.simulator_url(jobs[0].region)}/_sim/stats").json()
+    assert stats["by_model"][jobs[0].dispatch["upstream_model"]] == 3
 
 
 def test_idempotency_key_returns_first_job(fault_stack: Stack) -> None:

@@ -41,11 +41,16 @@ from broker.settings import Settings
 from broker.tables import Job, LedgerEntry, Wallet
 from workers.app import (
     BILLING_QUEUE,
+    MAX_JOBS_PER_MESSAGE,
+    MAX_MESSAGE_BODY_BYTES,
     RUN_JOB_TASK,
+    RUN_JOBS_TASK,
     SETTLE_JOBS_TASK,
-    encode_job_message,
+    encode_job_messages,
     encode_settle_message,
     job_kwargsrepr,
+    job_task_kwargs,
+    jobs_kwargsrepr,
     make_celery,
     publish_job,
 )
@@ -120,8 +125,7 @@ def test_intake_message_matches_send_task(
 
     async def publish() -> tuple[float, float]:
         before = time.time()
-        message = encode_job_message(intake.celery, spec, queue)
-        await intake._publish_messages([JobMessage("job_compare", message)])
+        await intake._publish_messages([JobMessage("job_compare", queue, spec)])
         after = time.time()
         await intake.redis.aclose()
         return before, after
@@ -159,6 +163,71 @@ def test_intake_message_matches_send_task(
     assert priority_lists == []
 
 
+def test_one_queue_shares_a_message(publish_redis: RedisServer) -> None:
+    redis_url = f"redis://127.0.0.1:{publish_redis.port}/5"
+    intake = make_intake(redis_url)
+    submission = chat_submission(intake)
+    queue = submission.target.queue
+    deadline = time.time() + JOB_TIMEOUT_S
+    specs = [intake._task_spec(f"job_group_{n}", submission, deadline) for n in range(3)]
+    other_queue = "openai.hk.interactive"
+    other = intake._task_spec("job_other", submission, deadline)
+
+    intake.celery.send_task(
+        RUN_JOBS_TASK,
+        kwargs={"jobs": [job_task_kwargs(spec) for spec in specs]},
+        queue=queue,
+        kwargsrepr=jobs_kwargsrepr(specs),
+    )
+
+    async def publish() -> None:
+        messages = [JobMessage(spec["job_id"], queue, spec) for spec in specs]
+        messages.insert(1, JobMessage("job_other", other_queue, other))
+        await intake._publish_messages(messages)
+        await intake.redis.aclose()
+
+    asyncio.run(publish())
+    intake.celery.close()
+
+    with redis.Redis.from_url(redis_url) as client:
+        entries = client.lrange(queue, 0, -1)
+        others = client.lrange(other_queue, 0, -1)
+        markers = client.mget([queued_key(spec["job_id"]) for spec in [*specs, other]])
+    assert len(entries) == 2
+    new, old = (decode(entry) for entry in entries)
+    for decoded in (new, old):
+        decoded["headers"]["id"] = decoded["headers"]["root_id"] = "<task id>"
+        decoded["properties"]["correlation_id"] = "<task id>"
+        decoded["properties"]["delivery_tag"] = "<delivery tag>"
+        for job in decoded["body"][1]["jobs"]:
+            job["published_at"] = "<publish time>"
+    assert new == old
+    assert new["headers"]["task"] == RUN_JOBS_TASK
+    assert [job["job_id"] for job in new["body"][1]["jobs"]] == [s["job_id"] for s in specs]
+    assert "job_group_0, job_group_1, job_group_2" in new["headers"]["kwargsrepr"]
+    assert "content" not in new["headers"]["kwargsrepr"]
+    # A job alone in its queue keeps the single-job task.
+    assert len(others) == 1
+    assert decode(others[0])["headers"]["task"] == RUN_JOB_TASK
+    assert markers == [b"1"] * 4
+
+
+def test_group_messages_split_by_size() -> None:
+    app = make_celery()
+    spec = {"job_id": "job", "model": "m", "region": "us", "body": {"text": "x"}}
+    count = MAX_JOBS_PER_MESSAGE + 1
+    messages = encode_job_messages(
+        app, [("q", {**spec, "job_id": f"job_{n}"}) for n in range(count)]
+    )
+    sizes = [len(decode(m.payload.encode())["body"][1].get("jobs", [None])) for m in messages]
+    assert sizes == [MAX_JOBS_PER_MESSAGE, 1]
+
+    big = {**spec, "body": {"text": "x" * (MAX_MESSAGE_BODY_BYTES // 2)}}
+    messages = encode_job_messages(app, [("q", {**big, "job_id": f"job_{n}"}) for n in range(3)])
+    assert len(messages) == 3
+    app.close()
+
+
 def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
     redis_url = f"redis://127.0.0.1:{publish_redis.port}/4"
     app = make_celery()
@@ -192,8 +261,7 @@ def test_worker_started_later_runs_pushed_job(publish_redis: RedisServer, tmp_pa
     queue = submission.target.queue
 
     async def publish() -> None:
-        message = encode_job_message(intake.celery, spec, queue)
-        await intake._publish_messages([JobMessage("job_later", message)])
+        await intake._publish_messages([JobMessage("job_later", queue, spec)])
         await intake.redis.aclose()
 
     asyncio.run(publish())

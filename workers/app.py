@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from celery import Celery
@@ -13,9 +14,12 @@ from kombu.transport.redis import Channel as RedisChannel
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.uuid import uuid
 
+from broker.db import json_text
 from broker.settings import Settings, get_settings
 
 RUN_JOB_TASK = "broker.run_job"
+# Runs several jobs of one queue that were published together, each in its own greenlet.
+RUN_JOBS_TASK = "broker.run_jobs"
 SETTLE_JOB_TASK = "broker.settle_job"
 # Settles several jobs in one transaction; a region worker sends one per batch of
 # outcomes it stored together.
@@ -27,6 +31,11 @@ BATCHES_QUEUE = "batches"
 # Seconds before Redis hands an unacknowledged message to another worker. Longer than
 # the longest job (the synchronous wait limit), or a slow job would run twice.
 VISIBILITY_TIMEOUT_S = 2 * 3600
+# Jobs created together go to a queue as one message of at most this many jobs, and
+# of at most about this many bytes of request bodies. A worker's consumer takes one
+# message per Redis round trip, and that loop was what limited a worker's intake.
+MAX_JOBS_PER_MESSAGE = 32
+MAX_MESSAGE_BODY_BYTES = 1024 * 1024
 # Reconnection attempts when publishing, at most about one second in all.
 PUBLISH_RETRY_POLICY = {
     "max_retries": 3,
@@ -142,6 +151,53 @@ def encode_job_message(app: Celery, spec: dict[str, Any], queue: str) -> RedisMe
     return encode_task_message(
         app, RUN_JOB_TASK, queue, kwargs=job_task_kwargs(spec), kwargsrepr=job_kwargsrepr(spec)
     )
+
+
+def jobs_kwargsrepr(specs: list[dict[str, Any]]) -> str:
+    """Return the ``kwargsrepr`` of a message of several jobs: their ids, no prompts."""
+    first = specs[0]
+    ids = ", ".join(spec["job_id"] for spec in specs)
+    return f"{{jobs: [{ids}], model: {first['model']}, region: {first['region']}}}"
+
+
+def encode_job_messages(
+    app: Celery, jobs: Iterable[tuple[str, dict[str, Any]]]
+) -> list[RedisMessage]:
+    """Encode the messages that publish ``jobs``, pairs of a queue and a job's spec.
+
+    The jobs of a queue share ``run_jobs`` messages (see MAX_JOBS_PER_MESSAGE); a job
+    alone in its queue gets the ``run_job`` message that ``publish_job`` would send.
+    """
+    by_queue: dict[str, list[list[dict[str, Any]]]] = {}
+    sizes: dict[str, int] = {}
+    for queue, spec in jobs:
+        chunks = by_queue.setdefault(queue, [[]])
+        size = len(json_text(spec.get("body")))
+        chunk = chunks[-1]
+        if chunk and (
+            len(chunk) >= MAX_JOBS_PER_MESSAGE or sizes[queue] + size > MAX_MESSAGE_BODY_BYTES
+        ):
+            chunk = []
+            chunks.append(chunk)
+            sizes[queue] = 0
+        chunk.append(spec)
+        sizes[queue] = sizes.get(queue, 0) + size
+    messages: list[RedisMessage] = []
+    for queue, chunks in by_queue.items():
+        for chunk in chunks:
+            if len(chunk) == 1:
+                messages.append(encode_job_message(app, chunk[0], queue))
+            else:
+                messages.append(
+                    encode_task_message(
+                        app,
+                        RUN_JOBS_TASK,
+                        queue,
+                        kwargs={"jobs": [job_task_kwargs(spec) for spec in chunk]},
+                        kwargsrepr=jobs_kwargsrepr(chunk),
+                    )
+                )
+    return messages
 
 
 def encode_settle_message(app: Celery, job_ids: list[str]) -> RedisMessage:

@@ -27,7 +27,7 @@ from broker.ids import new_id
 from broker.intake import Intake, Principal
 from broker.jobstore import format_usd
 from broker.tables import ApiKey, Batch, Job, LedgerEntry, Wallet, as_utc, utcnow
-from workers.app import celery_app, encode_job_message
+from workers.app import celery_app, encode_job_messages
 from workers.context import WorkerContext
 from workers.markers import queued_key
 
@@ -319,15 +319,17 @@ def publish_next(ctx: WorkerContext, batch_id: str, count: int) -> int:
             .where(Job.id.in_([row.id for row in rows]), Job.dispatched_at.is_(None))
             .values(dispatched_at=now, dispatch_count=1)
         )
-    # The markers and the task messages go to Redis in one round trip.
+    # The markers and the task messages go to Redis in one round trip; jobs of the same
+    # queue share messages.
     pipe = ctx.redis.pipeline(transaction=False)
     for row in rows:
-        spec = row.dispatch
-        ttl = int(max(60.0, spec["deadline"] - time.time()) + MARKER_MARGIN_S)
-        message = encode_job_message(
-            celery_app, spec, queue_name(spec["provider"], spec["region"], spec["lane"])
-        )
+        ttl = int(max(60.0, row.dispatch["deadline"] - time.time()) + MARKER_MARGIN_S)
         pipe.set(queued_key(row.id), b"1", ex=ttl)
+    jobs = [
+        (queue_name(spec["provider"], spec["region"], spec["lane"]), spec)
+        for spec in (row.dispatch for row in rows)
+    ]
+    for message in encode_job_messages(celery_app, jobs):
         pipe.lpush(message.key, message.payload)
     pipe.execute()
     return len(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -18,7 +19,13 @@ from broker.circuits import CircuitBreaker, state_from, state_keys, target_name
 from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
-from workers.app import RUN_JOB_TASK, celery_app, encode_settle_message, publish_job
+from workers.app import (
+    RUN_JOB_TASK,
+    RUN_JOBS_TASK,
+    celery_app,
+    encode_settle_message,
+    publish_job,
+)
 from workers.calls import Outcome, call_target
 from workers.context import WorkerContext, get_context
 from workers.group_commit import GroupCommit
@@ -312,49 +319,114 @@ def take_over_lease(
 @celery_app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self: Task, **spec: Any) -> None:
     """Run one job: ``spec`` is the message the API published (see ``broker.intake``)."""
-    ctx = get_context()
-    job_id = spec["job_id"]
-    spec["worker"] = self.request.hostname
-    # Checked before the Redis reads: a copy finishing while they wait would make them
-    # stale. A copy sets the done marker before it leaves the set.
-    if job_id in _running:
-        logger.info("job %s is already running; dropping a repeated delivery", job_id)
-        return
-    _running.add(job_id)
+    run_delivered(get_context(), self.request.hostname, [spec])
+
+
+@celery_app.task(name=RUN_JOBS_TASK, bind=True)
+def run_jobs(self: Task, jobs: list[dict[str, Any]]) -> None:
+    """Run the jobs of one queue that the API or a batch published together."""
+    run_delivered(get_context(), self.request.hostname, jobs)
+
+
+def run_delivered(ctx: WorkerContext, hostname: str, specs: list[dict[str, Any]]) -> None:
+    """Claim the delivered jobs in one round trip, then run each claimed one.
+
+    A single job runs in the calling greenlet; several run in a greenlet each, and this
+    returns when all have ended.
+    """
+    fresh: list[dict[str, Any]] = []
+    for spec in specs:
+        job_id = spec["job_id"]
+        spec["worker"] = hostname
+        # Checked before the Redis reads: a copy finishing while they wait would make
+        # them stale. A copy sets the done marker before it leaves the set.
+        if job_id in _running:
+            logger.info("job %s is already running; dropping a repeated delivery", job_id)
+            continue
+        _running.add(job_id)
+        fresh.append(spec)
     try:
-        _run_claimed(ctx, spec)
+        claimed = _claim(ctx, fresh)
+        if len(claimed) == 1:
+            _run_claimed(ctx, *claimed[0])
+            return
+        threads = [
+            threading.Thread(target=_run_logged, args=(ctx, spec, circuit), daemon=True)
+            for spec, circuit in claimed
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
-        _running.discard(job_id)
+        for spec in fresh:
+            _running.discard(spec["job_id"])
 
 
-def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
-    job_id = spec["job_id"]
-    holder = lease_holder(spec["region"])
-    lease_s = int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
-    # One round trip: the done marker, the lease (taken if free) and the circuit state.
-    # The lease first: a copy finishing elsewhere sets the done marker before it frees
-    # the lease, so once this SET NX succeeds the EXISTS after it finds the marker.
+def _claim(
+    ctx: WorkerContext, specs: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], list[bytes | None]]]:
+    """Take the lease of each job unless it is done or held; return the claimed jobs,
+    each with the state of its target's circuit.
+
+    One round trip for all: per job the lease (taken if free), the done marker and the
+    lease's holder, and per target the circuit state. The lease comes first: a copy
+    finishing elsewhere sets the done marker before it frees the lease, so once the SET
+    NX succeeds the EXISTS after it finds the marker.
+    """
+    if not specs:
+        return []
     pipe = ctx.redis.pipeline(transaction=False)
-    pipe.set(lease_key(job_id), holder, nx=True, ex=lease_s)
-    pipe.exists(done_key(job_id))
-    pipe.get(lease_key(job_id))
-    pipe.mget(state_keys(target_name(spec["provider"], spec["region"])))
-    lease_taken, done, current, circuit = pipe.execute()
-    if done:
-        if lease_taken:
-            ctx.redis.delete(lease_key(job_id))
-        logger.info("job %s is already done; dropping a repeated delivery", job_id)
-        return
-    if not (lease_taken or take_over_lease(ctx, job_id, holder, current, lease_s)):
-        logger.info("job %s is already running; dropping a repeated delivery", job_id)
-        return
+    for spec in specs:
+        pipe.set(
+            lease_key(spec["job_id"]), lease_holder(spec["region"]), nx=True, ex=_lease_s(spec)
+        )
+        pipe.exists(done_key(spec["job_id"]))
+        pipe.get(lease_key(spec["job_id"]))
+    targets = sorted({target_name(spec["provider"], spec["region"]) for spec in specs})
+    for target in targets:
+        pipe.mget(state_keys(target))
+    replies = pipe.execute()
+    circuits = dict(zip(targets, replies[3 * len(specs) :], strict=True))
+    claimed = []
+    for index, spec in enumerate(specs):
+        job_id = spec["job_id"]
+        lease_taken, done, current = replies[3 * index : 3 * index + 3]
+        if done:
+            if lease_taken:
+                ctx.redis.delete(lease_key(job_id))
+            logger.info("job %s is already done; dropping a repeated delivery", job_id)
+            continue
+        holder = lease_holder(spec["region"])
+        if not (lease_taken or take_over_lease(ctx, job_id, holder, current, _lease_s(spec))):
+            logger.info("job %s is already running; dropping a repeated delivery", job_id)
+            continue
+        claimed.append((spec, circuits[target_name(spec["provider"], spec["region"])]))
+    return claimed
+
+
+def _lease_s(spec: dict[str, Any]) -> int:
+    return int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
+
+
+def _run_logged(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes | None]) -> None:
+    try:
+        _run_claimed(ctx, spec, circuit)
+    except Exception:
+        # The lease is released, so the sweeper publishes the job again.
+        logger.exception("job %s failed in the worker", spec["job_id"])
+
+
+def _run_claimed(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes | None]) -> None:
+    """Run a job whose lease this process holds, and release the lease if not finished."""
+    job_id = spec["job_id"]
     released = False
     observe_queue_wait(
         queue_name(spec["provider"], spec["region"], spec["lane"]),
         time.time() - spec.get("published_at", time.time()),
     )
     try:
-        with job_in_flight(spec["region"]):
+        with _call_slot(ctx), job_in_flight(spec["region"]):
             outcome = call_target(ctx, spec, state_from(*circuit))
         if outcome.error is not None and outcome.error.failover:
             index = next_target(ctx, spec)
@@ -365,3 +437,17 @@ def _run_claimed(ctx: WorkerContext, spec: dict[str, Any]) -> None:
     finally:
         if not released:
             ctx.redis.delete(lease_key(job_id))
+
+
+_slots: threading.BoundedSemaphore | None = None
+
+
+def _call_slot(ctx: WorkerContext) -> threading.BoundedSemaphore:
+    """Return the semaphore that keeps this process's upstream calls within its concurrency.
+
+    Celery's concurrency counts messages, and a message may carry several jobs.
+    """
+    global _slots
+    if _slots is None:
+        _slots = threading.BoundedSemaphore(ctx.settings.worker_concurrency)
+    return _slots
