@@ -135,6 +135,8 @@ class Intake:
         # Concurrent requests share the transaction that reserves their worst-case cost
         # and inserts their job, and the round trip that publishes their messages.
         self.jobs = JobGroupCommit(sessions, publish=self._publish_messages)
+        # Availability reads in flight, by route plan and lane (see _unavailable).
+        self._availability: dict[tuple[Any, ...], asyncio.Future[set[tuple[str, str]]]] = {}
 
     def prepare_chat(
         self, body: dict[str, Any], request: ChatCompletionRequest, principal: Principal
@@ -314,8 +316,8 @@ class Intake:
     async def _choose_start(self, plan: list[Target]) -> int:
         """Return the first target whose circuit is closed and whose region has workers."""
         try:
-            unavailable = await unavailable_targets(
-                self.redis, [t.key for t in plan], plan[0].lane if plan else "interactive"
+            unavailable = await self._unavailable(
+                tuple(t.key for t in plan), plan[0].lane if plan else "interactive"
             )
         except RedisError:
             return 0
@@ -325,6 +327,31 @@ class Intake:
         # No target can run it now, so queue it on the primary. A worker that comes back
         # picks it up, or the sweeper moves or expires it.
         return 0
+
+    async def _unavailable(
+        self, keys: tuple[tuple[str, str], ...], lane: str
+    ) -> set[tuple[str, str]]:
+        """Read which targets are unavailable, sharing a read already in flight.
+
+        Requests for the same route that arrive while an MGET is on its way wait for
+        that one instead of sending their own: under load this is one round trip per
+        route per round trip time, not one per request. The answer is at most one
+        round trip older than the request.
+        """
+        lookup = (keys, lane)
+        pending = self._availability.get(lookup)
+        if pending is None:
+            pending = asyncio.ensure_future(unavailable_targets(self.redis, list(keys), lane))
+            self._availability[lookup] = pending
+            pending.add_done_callback(lambda done: self._read_done(lookup, done))
+        # Shielded: a request that goes away must not cancel the others' read.
+        return await asyncio.shield(pending)
+
+    def _read_done(self, lookup: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+        self._availability.pop(lookup, None)
+        if not done.cancelled():
+            # Marks the error retrieved when every waiting request went away.
+            done.exception()
 
     def _task_spec(self, job_id: str, submission: Submission, deadline: float) -> dict[str, Any]:
         return {

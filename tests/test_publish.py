@@ -30,6 +30,7 @@ from support import wait_for
 from broker.accounts import create_account, create_api_key
 from broker.catalog import load_catalog
 from broker.chat_request import ChatCompletionRequest
+from broker.circuits import region_alive_key, state_keys, target_name
 from broker.db import async_session_factory, make_async_engine, make_engine, session_factory
 from broker.errors import ServiceUnavailable
 from broker.intake import MARKER_MARGIN_S, Intake, JobMessage, Principal, Submission
@@ -226,6 +227,43 @@ def test_group_messages_split_by_size() -> None:
     messages = encode_job_messages(app, [("q", {**big, "job_id": f"job_{n}"}) for n in range(3)])
     assert len(messages) == 3
     app.close()
+
+
+def test_concurrent_reads_share_one_mget(publish_redis: RedisServer) -> None:
+    redis_url = f"redis://127.0.0.1:{publish_redis.port}/6"
+    intake = make_intake(redis_url)
+    plan = chat_submission(intake).plan
+    assert len(plan) >= 2
+    primary = plan[0]
+    with redis.Redis.from_url(redis_url) as client:
+        for target in plan:
+            client.set(region_alive_key(target.region, target.lane), b"1")
+
+        def mget_calls() -> int:
+            return client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+
+        async def choose(count: int) -> list[int]:
+            return list(await asyncio.gather(*(intake._choose_start(plan) for _ in range(count))))
+
+        async def scenario() -> tuple[list[int], int, int, int]:
+            before = mget_calls()
+            together = await choose(20)
+            shared = mget_calls() - before
+            # A read after the circuit opened sees it: nothing is kept between reads.
+            target = target_name(*primary.key)
+            client.set(state_keys(target)[0], b"1")
+            after_open = await intake._choose_start(plan)
+            client.delete(state_keys(target)[0])
+            after_close = await intake._choose_start(plan)
+            await intake.redis.aclose()
+            return together, shared, after_open, after_close
+
+        together, shared, after_open, after_close = asyncio.run(scenario())
+    intake.celery.close()
+    assert together == [0] * 20
+    assert shared == 1
+    assert after_open == 1
+    assert after_close == 0
 
 
 def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
