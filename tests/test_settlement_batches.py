@@ -235,6 +235,32 @@ def test_group_commit_batches_waiting_callers() -> None:
     assert sorted(len(batch) for batch in batches[1:]) == [2, 4]
 
 
+def test_group_commit_linger_gathers_items() -> None:
+    batches: list[list[int]] = []
+
+    def write(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        return items
+
+    # Long enough for the second caller to arrive while the writer waits.
+    group: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=2.0)
+    callers = [threading.Thread(target=group.submit, args=(n,)) for n in range(2)]
+    callers[0].start()
+    _wait_until(lambda: len(group._pending) == 1)
+    callers[1].start()
+    for thread in callers:
+        thread.join(10)
+    assert batches == [[0, 1]]
+
+    # A full batch is written at once: with an hour's linger the call would not return.
+    full: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=3600.0)
+    caller = threading.Thread(target=full.submit_all, args=([2, 3],))
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive()
+    assert batches[-1] == [2, 3]
+
+
 def test_group_commit_isolates_item_errors() -> None:
     def write(items: list[int]) -> list[int | BaseException]:
         return [ValueError(f"bad {item}") if item == 2 else item for item in items]

@@ -2,13 +2,15 @@
 
 A caller hands its item over and blocks until the batch that took it has been written.
 While one batch is being written, new items gather for the next, so under load each
-transaction carries many items, and a lone item is written at once, with no timer.
+transaction carries many items, and a lone item is written at once unless the writer
+is told to linger.
 Threads are greenlets in a gevent worker (Celery's gevent pool patches them).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -33,7 +35,9 @@ class GroupCommit(Generic[Item, Result]):
 
     ``write`` returns one result per item, in order; a result that is an exception is
     raised to that item's caller alone. An exception raised by ``write`` itself is
-    raised to every caller of the batch.
+    raised to every caller of the batch. With ``linger_s`` the writer waits that long
+    before it takes a batch smaller than ``max_items``, so that more items join it:
+    fewer and larger transactions, for writes whose callers can wait.
     """
 
     def __init__(
@@ -41,10 +45,12 @@ class GroupCommit(Generic[Item, Result]):
         write: Callable[[list[Item]], Sequence[Result | BaseException]],
         max_items: int = 256,
         name: str = "group-commit",
+        linger_s: float = 0.0,
     ) -> None:
         self._write = write
         self._max_items = max_items
         self._name = name
+        self._linger_s = linger_s
         self._pending: list[_Slot[Item, Result]] = []
         self._lock = threading.Condition()
         self._writer_running = False
@@ -78,6 +84,11 @@ class GroupCommit(Generic[Item, Result]):
                 if not self._pending:
                     self._writer_running = False
                     return
+                short = len(self._pending) < self._max_items
+            if self._linger_s and short:
+                # Items that arrive meanwhile join this batch.
+                time.sleep(self._linger_s)
+            with self._lock:
                 batch = self._pending[: self._max_items]
                 del self._pending[: self._max_items]
             self._write_batch(batch)
