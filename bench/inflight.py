@@ -10,6 +10,7 @@ operation it caps the calls in flight at rate × upstream latency.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -202,9 +203,9 @@ def measure_in_flight(
     try:
         log(f"in flight: creating {calls} jobs through POST /v1/jobs")
         submitted = submit_jobs(stack, body, account.api_key, calls, workdir)
-        waiting = stack.redis.llen(queue)
+        waiting = queued_jobs(stack, queue)
         if waiting != calls:
-            raise BenchError(f"{waiting} job messages wait in {queue}, expected {calls}")
+            raise BenchError(f"{waiting} jobs wait in {queue}, expected {calls}")
         stats_url = stack.simulator_url(REGION) + "/_sim/stats"
         httpx.post(stack.simulator_url(REGION) + "/_sim/reset", timeout=10).raise_for_status()
         rss_before = procstat.rss_kib(worker_pid)
@@ -287,6 +288,20 @@ def measure_in_flight(
         f"succeeded; worker RSS {rss_before / 1024:.0f} -> {peaks.worker_rss_kib / 1024:.0f} MiB"
     )
     return row
+
+
+def queued_jobs(stack: BenchStack, queue: str) -> int:
+    """Return the number of jobs in the task messages waiting in ``queue``.
+
+    Jobs created together share a ``run_jobs`` message, so the list's length counts
+    messages, not jobs.
+    """
+    jobs = 0
+    for raw in stack.redis.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        jobs += len(kwargs["jobs"]) if "jobs" in kwargs else 1
+    return jobs
 
 
 def first_log_error(stack: BenchStack, name: str) -> str:
