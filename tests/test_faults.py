@@ -351,6 +351,67 @@ def test_repeated_group_message_runs_once(fault_stack: Stack) -> None:
     assert stats["by_model"][jobs[0].dispatch["upstream_model"]] == 3
 
 
+def test_busy_worker_leaves_group_messages_queued(fault_stack: Stack, simulators: callable) -> None:
+    """A worker counts the jobs of a message, not the message, against its concurrency."""
+    account = fault_stack.new_account()
+    fault_stack.group.stop("worker-us")
+    fault_stack.group.stop("worker-hk")
+    queue = "mistral.us.interactive"
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            fault_stack.client(account.api_key, timeout_s=2).chat.completions.create(
+                model="mistral-small-3.2",
+                max_tokens=20,
+                extra_body={"region_pin": "us"},
+                messages=[{"role": "user", "content": "Template."}],
+            )
+        with fault_stack.sessions() as session:
+            template = session.scalars(select(Job).where(Job.account_id == account.id)).one()
+        fault_stack.redis.delete(queue)
+        # Six messages of four jobs each. Jobs missing from the database run all the
+        # same and store nothing, which is all this test needs of them.
+        specs = [
+            {**template.dispatch, "job_id": f"job_busy_{number:02d}_{uuid.uuid4().hex[:8]}"}
+            for number in range(24)
+        ]
+        celery = make_celery()
+        messages = [
+            message
+            for start in range(0, 24, 4)
+            for message in encode_job_messages(
+                celery, [(queue, s) for s in specs[start : start + 4]]
+            )
+        ]
+        celery.close()
+        assert len(messages) == 6
+        for message in messages:
+            fault_stack.redis.lpush(message.key, message.payload)
+        simulators("us", latency_ms=1500)
+        fault_stack.group.start(
+            "worker-us", broker_command("worker", "--region", "us", "--concurrency", "4")
+        )
+        fault_stack.group.wait_worker("worker-us", fault_stack.settings.redis_url, "us")
+
+        def leases() -> int:
+            return len(fault_stack.redis.keys("broker:job:job_busy_*:lease"))
+
+        wait_for(lambda: leases() >= 4, what="the first jobs to start")
+        # Concurrency 4 counted in messages would take four of them at once. Counted in
+        # jobs it takes one, and at most one more before its prefetch window shrinks.
+        assert fault_stack.redis.llen(queue) >= 4
+        assert leases() <= 8
+        wait_for(
+            lambda: fault_stack.redis.llen(queue) == 0 and leases() == 0,
+            timeout_s=120,
+            what="every message to be run",
+        )
+    finally:
+        simulators("us", latency_ms=0)
+        fault_stack.group.stop("worker-us")
+        restart_worker(fault_stack, "us")
+        restart_worker(fault_stack, "hk")
+
+
 def test_idempotency_key_returns_first_job(fault_stack: Stack) -> None:
     account = fault_stack.new_account()
     client = fault_stack.client(account.api_key)

@@ -7,9 +7,11 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from celery import Task
+from celery import Task, bootsteps
 from sqlalchemy import Connection, Update, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
@@ -325,7 +327,44 @@ def run_job(self: Task, **spec: Any) -> None:
 @celery_app.task(name=RUN_JOBS_TASK, bind=True)
 def run_jobs(self: Task, jobs: list[dict[str, Any]]) -> None:
     """Run the jobs of one queue that the API or a batch published together."""
-    run_delivered(get_context(), self.request.hostname, jobs)
+    with _counted_in_prefetch(len(jobs) - 1):
+        run_delivered(get_context(), self.request.hostname, jobs)
+
+
+class _ConsumerHandle(bootsteps.StartStopStep):
+    """Keeps the worker's consumer, whose prefetch window ``run_jobs`` adjusts."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        global _consumer
+        _consumer = parent
+
+
+_consumer: Any = None
+celery_app.steps["consumer"].add(_ConsumerHandle)
+
+
+@contextmanager
+def _counted_in_prefetch(extra_jobs: int) -> Iterator[None]:
+    """Shrink the consumer's prefetch window by a message's extra jobs while they run.
+
+    Celery counts the messages a worker holds, and a message may carry many jobs. Left
+    alone, a busy worker would take its concurrency in messages and keep jobs waiting
+    for its call slots that another worker could run. The window never goes below one
+    message, and exactly what was taken from it is given back.
+    """
+    qos = getattr(_consumer, "qos", None)
+    taken = 0
+    if qos is not None and extra_jobs > 0:
+        taken = min(extra_jobs, max(qos.value - 1, 0))
+        if taken:
+            qos.decrement_eventually(taken)
+    try:
+        yield
+    finally:
+        if taken:
+            qos.increment_eventually(taken)
 
 
 def run_delivered(ctx: WorkerContext, hostname: str, specs: list[dict[str, Any]]) -> None:
