@@ -219,7 +219,9 @@ class QueueDepthCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         family = GaugeMetricFamily(
-            "broker_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
+            "broker_queue_depth",
+            "Messages waiting in a Celery queue; a message may carry several jobs.",
+            labels=["queue"],
         )
         queues = sorted(set(self.queues()))
         try:

@@ -45,8 +45,12 @@ class Settings(BaseSettings):
     # Signing secret of the Stripe webhook endpoint (whsec_...); without one it is off.
     stripe_webhook_secret: SecretStr | None = None
 
-    # Greenlets per region worker process; each runs one upstream call at a time.
+    # Upstream calls in flight per region worker process (greenlets that run jobs).
     worker_concurrency: int = 500
+    # Jobs that the API or a batch publishes together share a task message of at most
+    # this many jobs. 1 publishes one message per job, as workers older than run_jobs
+    # need: set it while such workers still run, during a rolling upgrade.
+    jobs_per_message: int = Field(default=32, ge=1)
     # Greenlets of the billing worker. Settle tasks running at once share a transaction,
     # so more greenlets mean larger, fewer transactions under load.
     billing_concurrency: int = 256

@@ -42,7 +42,6 @@ from broker.settings import Settings
 from broker.tables import Job, LedgerEntry, Wallet
 from workers.app import (
     BILLING_QUEUE,
-    MAX_JOBS_PER_MESSAGE,
     MAX_MESSAGE_BODY_BYTES,
     RUN_JOB_TASK,
     RUN_JOBS_TASK,
@@ -213,15 +212,17 @@ def test_one_queue_shares_a_message(publish_redis: RedisServer) -> None:
     assert markers == [b"1"] * 4
 
 
-def test_group_messages_split_by_size() -> None:
+def test_group_messages_split_by_count_and_size() -> None:
     app = make_celery()
     spec = {"job_id": "job", "model": "m", "region": "us", "body": {"text": "x"}}
-    count = MAX_JOBS_PER_MESSAGE + 1
-    messages = encode_job_messages(
-        app, [("q", {**spec, "job_id": f"job_{n}"}) for n in range(count)]
-    )
+    jobs = [("q", {**spec, "job_id": f"job_{n}"}) for n in range(33)]
+    messages = encode_job_messages(app, jobs)
     sizes = [len(decode(m.payload.encode())["body"][1].get("jobs", [None])) for m in messages]
-    assert sizes == [MAX_JOBS_PER_MESSAGE, 1]
+    # Settings.jobs_per_message is 32 unless the environment sets it.
+    assert sizes == [32, 1]
+    # One job per message, as workers without run_jobs need.
+    singles = encode_job_messages(app, jobs[:3], max_jobs=1)
+    assert [decode(m.payload.encode())["headers"]["task"] for m in singles] == [RUN_JOB_TASK] * 3
 
     big = {**spec, "body": {"text": "x" * (MAX_MESSAGE_BODY_BYTES // 2)}}
     messages = encode_job_messages(app, [("q", {**big, "job_id": f"job_{n}"}) for n in range(3)])

@@ -31,10 +31,10 @@ BATCHES_QUEUE = "batches"
 # Seconds before Redis hands an unacknowledged message to another worker. Longer than
 # the longest job (the synchronous wait limit), or a slow job would run twice.
 VISIBILITY_TIMEOUT_S = 2 * 3600
-# Jobs created together go to a queue as one message of at most this many jobs, and
-# of at most about this many bytes of request bodies. A worker's consumer takes one
-# message per Redis round trip, and that loop was what limited a worker's intake.
-MAX_JOBS_PER_MESSAGE = 32
+# Jobs created together go to a queue as one message of at most
+# ``Settings.jobs_per_message`` jobs and about this many bytes of request bodies. A
+# worker's consumer takes one message per Redis round trip, and that loop was what
+# limited a worker's intake.
 MAX_MESSAGE_BODY_BYTES = 1024 * 1024
 # Reconnection attempts when publishing, at most about one second in all.
 PUBLISH_RETRY_POLICY = {
@@ -154,29 +154,35 @@ def encode_job_message(app: Celery, spec: dict[str, Any], queue: str) -> RedisMe
 
 
 def jobs_kwargsrepr(specs: list[dict[str, Any]]) -> str:
-    """Return the ``kwargsrepr`` of a message of several jobs: their ids, no prompts."""
-    first = specs[0]
+    """Return the ``kwargsrepr`` of a message of several jobs: ids, models, no prompts."""
     ids = ", ".join(spec["job_id"] for spec in specs)
-    return f"{{jobs: [{ids}], model: {first['model']}, region: {first['region']}}}"
+    models = ", ".join(sorted({spec["model"] for spec in specs}))
+    batches = sorted({spec["batch_id"] for spec in specs if spec.get("batch_id")})
+    return (
+        f"{{jobs: [{ids}], models: [{models}], region: {specs[0]['region']}"
+        + (f", batch_ids: [{', '.join(batches)}]" if batches else "")
+        + "}"
+    )
 
 
 def encode_job_messages(
-    app: Celery, jobs: Iterable[tuple[str, dict[str, Any]]]
+    app: Celery, jobs: Iterable[tuple[str, dict[str, Any]]], max_jobs: int | None = None
 ) -> list[RedisMessage]:
     """Encode the messages that publish ``jobs``, pairs of a queue and a job's spec.
 
-    The jobs of a queue share ``run_jobs`` messages (see MAX_JOBS_PER_MESSAGE); a job
-    alone in its queue gets the ``run_job`` message that ``publish_job`` would send.
+    The jobs of a queue share ``run_jobs`` messages of at most ``max_jobs`` jobs
+    (``Settings.jobs_per_message`` by default); a job alone in its message gets the
+    ``run_job`` message that ``publish_job`` would send.
     """
+    if max_jobs is None:
+        max_jobs = get_settings().jobs_per_message
     by_queue: dict[str, list[list[dict[str, Any]]]] = {}
     sizes: dict[str, int] = {}
     for queue, spec in jobs:
         chunks = by_queue.setdefault(queue, [[]])
         size = len(json_text(spec.get("body")))
         chunk = chunks[-1]
-        if chunk and (
-            len(chunk) >= MAX_JOBS_PER_MESSAGE or sizes[queue] + size > MAX_MESSAGE_BODY_BYTES
-        ):
+        if chunk and (len(chunk) >= max_jobs or sizes[queue] + size > MAX_MESSAGE_BODY_BYTES):
             chunk = []
             chunks.append(chunk)
             sizes[queue] = 0
