@@ -242,23 +242,28 @@ def test_group_commit_linger_gathers_items() -> None:
         batches.append(list(items))
         return items
 
-    # Long enough for the second caller to arrive while the writer waits.
-    group: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=2.0)
+    # An hour's linger: the first item is written only once the second fills the batch.
+    group: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=3600.0)
     callers = [threading.Thread(target=group.submit, args=(n,)) for n in range(2)]
     callers[0].start()
     _wait_until(lambda: len(group._pending) == 1)
     callers[1].start()
     for thread in callers:
         thread.join(10)
+        assert not thread.is_alive()
     assert batches == [[0, 1]]
 
-    # A full batch is written at once: with an hour's linger the call would not return.
-    full: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=3600.0)
-    caller = threading.Thread(target=full.submit_all, args=([2, 3],))
+    # A full batch is written at once.
+    caller = threading.Thread(target=group.submit_all, args=([2, 3],))
     caller.start()
     caller.join(10)
     assert not caller.is_alive()
     assert batches[-1] == [2, 3]
+
+    # A short batch is written when the linger ends.
+    short: GroupCommit[int, int] = GroupCommit(write, max_items=2, linger_s=0.05)
+    assert short.submit(4) == 4
+    assert batches[-1] == [4]
 
 
 def test_group_commit_isolates_item_errors() -> None:

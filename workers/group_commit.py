@@ -10,7 +10,6 @@ Threads are greenlets in a gevent worker (Celery's gevent pool patches them).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -35,9 +34,9 @@ class GroupCommit(Generic[Item, Result]):
 
     ``write`` returns one result per item, in order; a result that is an exception is
     raised to that item's caller alone. An exception raised by ``write`` itself is
-    raised to every caller of the batch. With ``linger_s`` the writer waits that long
-    before it takes a batch smaller than ``max_items``, so that more items join it:
-    fewer and larger transactions, for writes whose callers can wait.
+    raised to every caller of the batch. With ``linger_s`` the writer waits up to that
+    long for a batch to fill before it takes one smaller than ``max_items``: fewer and
+    larger transactions, for writes whose callers can wait.
     """
 
     def __init__(
@@ -84,11 +83,11 @@ class GroupCommit(Generic[Item, Result]):
                 if not self._pending:
                     self._writer_running = False
                     return
-                short = len(self._pending) < self._max_items
-            if self._linger_s and short:
-                # Items that arrive meanwhile join this batch.
-                time.sleep(self._linger_s)
-            with self._lock:
+                if self._linger_s:
+                    # Items that arrive meanwhile join this batch; a full one goes at once.
+                    self._lock.wait_for(
+                        lambda: len(self._pending) >= self._max_items, self._linger_s
+                    )
                 batch = self._pending[: self._max_items]
                 del self._pending[: self._max_items]
             self._write_batch(batch)
