@@ -72,9 +72,9 @@ def _ping_idle_connections(engine: Engine) -> None:
 
     SQLAlchemy's ``pool_pre_ping`` tests every checkout. This tests only connections
     idle for more than PING_AFTER_IDLE_S, which is where a restarted or failed-over
-    server leaves dead ones. A connection that died more recently fails its first
-    statement instead; SQLAlchemy then replaces every connection of the pool, and the
-    callers retry or report the error as they do for any lost connection.
+    server leaves dead ones. A connection in use, or idle for less, fails its
+    statement instead; after the first such failure SQLAlchemy replaces every pooled
+    connection, and the callers retry or report the error as for any lost connection.
     """
     dialect = engine.dialect
 
@@ -88,7 +88,7 @@ def _ping_idle_connections(engine: Engine) -> None:
         try:
             dialect.do_ping(dbapi_connection)
         except Exception as exc:
-            # The pool discards this connection and checks out another (or a new one).
+            # The pool then replaces this connection with a new one.
             raise DisconnectionError(f"pooled connection failed its test: {exc}") from exc
 
     event.listen(engine, "checkin", returned)

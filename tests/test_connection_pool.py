@@ -27,8 +27,10 @@ def database_url(postgres_admin: str, tmp_path: Path) -> Iterator[str]:
 
 
 def _terminate(backend_pid: int) -> None:
+    """End the server process and wait (up to 5 s) until it has exited."""
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (backend_pid,))
+        ended = admin.execute("SELECT pg_terminate_backend(%s, 5000)", (backend_pid,)).fetchone()
+    assert ended == (True,)
 
 
 def test_idle_connection_is_tested_and_replaced(
@@ -48,8 +50,12 @@ def test_idle_connection_is_tested_and_replaced(
         engine.dispose()
 
 
-def test_recent_connection_is_not_tested(database_url: str) -> None:
+def test_recent_connection_is_not_tested(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A connection that died while briefly idle fails one statement, then the pool heals."""
+    # No returned connection counts as idle for long enough to be tested.
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_S", 3600.0)
     engine = db.make_engine(database_url, pool_size=1, max_overflow=0)
     try:
         with engine.connect() as connection:
