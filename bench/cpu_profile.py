@@ -39,9 +39,10 @@ def pyspy_binary() -> str | None:
 def _frame_name(frame: str) -> str:
     """Return ``function (path)`` with site-packages and project prefixes cut off."""
     frame = _LINE_NUMBER.sub(")", frame)
+    # The path is the last parenthesised part; a function name may contain " (" too.
+    function, _, path = frame.rpartition(" (")
     for marker in ("site-packages/", f"{PROJECT_DIR}/", "/lib/python3.11/"):
-        if marker in frame:
-            function, _, path = frame.partition(" (")
+        if marker in path:
             return f"{function} ({path.split(marker, 1)[1]}"
     return frame
 
