@@ -73,7 +73,7 @@ def _ping_idle_connections(engine: Engine) -> None:
     SQLAlchemy's ``pool_pre_ping`` tests every checkout. This tests only connections
     idle for more than PING_AFTER_IDLE_S, which is where a restarted or failed-over
     server leaves dead ones. A connection in use, or idle for less, fails its
-    statement instead; after the first such failure SQLAlchemy replaces every pooled
+    statement instead. After the first such failure SQLAlchemy replaces every pooled
     connection, and the callers retry or report the error as for any lost connection.
     """
     dialect = engine.dialect

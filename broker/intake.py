@@ -66,7 +66,7 @@ EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 
 
 class JobMessage(NamedTuple):
-    """What publishing a job needs: its id, its queue and the spec its task runs."""
+    """The id, queue and task spec of a job to publish."""
 
     job_id: str
     queue: str
@@ -335,7 +335,7 @@ class Intake:
 
         Requests for the same route that arrive while an MGET is on its way wait for
         that one instead of sending their own: under load this is one round trip per
-        route per round trip time, not one per request. The answer is at most one
+        route per round trip time, not one per request. The result is at most one
         round trip older than the request.
         """
         lookup = (keys, lane)

@@ -100,6 +100,13 @@ def decode(raw: bytes) -> dict[str, Any]:
     return message
 
 
+def mask_task_ids(message: dict[str, Any]) -> None:
+    """Replace a decoded message's task id and delivery tag, which differ per publish."""
+    message["headers"]["id"] = message["headers"]["root_id"] = "<task id>"
+    message["properties"]["correlation_id"] = "<task id>"
+    message["properties"]["delivery_tag"] = "<delivery tag>"
+
+
 def without_unique_fields(message: dict[str, Any]) -> dict[str, Any]:
     """Copy a decoded message with the ids, the delivery tag and the time replaced."""
     copy = json.loads(json.dumps(message))
@@ -196,9 +203,7 @@ def test_one_queue_shares_a_message(publish_redis: RedisServer) -> None:
     assert len(entries) == 2
     new, old = (decode(entry) for entry in entries)
     for decoded in (new, old):
-        decoded["headers"]["id"] = decoded["headers"]["root_id"] = "<task id>"
-        decoded["properties"]["correlation_id"] = "<task id>"
-        decoded["properties"]["delivery_tag"] = "<delivery tag>"
+        mask_task_ids(decoded)
         for job in decoded["body"][1]["jobs"]:
             job["published_at"] = "<publish time>"
     assert new == old
@@ -250,7 +255,7 @@ def test_concurrent_reads_share_one_mget(publish_redis: RedisServer) -> None:
             before = mget_calls()
             together = await choose(20)
             shared = mget_calls() - before
-            # A read after the circuit opened sees it: nothing is kept between reads.
+            # A read after the circuit opened reports it, because nothing is kept between reads.
             target = target_name(*primary.key)
             client.set(state_keys(target)[0], b"1")
             after_open = await intake._choose_start(plan)
@@ -282,9 +287,7 @@ def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
     assert len(entries) == 2
     new, old = (decode(entry) for entry in entries)
     for decoded in (new, old):
-        decoded["headers"]["id"] = decoded["headers"]["root_id"] = "<task id>"
-        decoded["properties"]["correlation_id"] = "<task id>"
-        decoded["properties"]["delivery_tag"] = "<delivery tag>"
+        mask_task_ids(decoded)
     assert new == old
     assert list(new["headers"]) == list(old["headers"])
     assert list(new["properties"]) == list(old["properties"])

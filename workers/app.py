@@ -171,7 +171,7 @@ def encode_job_messages(
     """Encode the messages that publish ``jobs``, pairs of a queue and a job's spec.
 
     The jobs of a queue share ``run_jobs`` messages of at most ``max_jobs`` jobs
-    (``Settings.jobs_per_message`` by default); a job alone in its message gets the
+    (``Settings.jobs_per_message`` by default). A job alone in its message gets the
     ``run_job`` message that ``publish_job`` would send.
     """
     if max_jobs is None:

@@ -359,7 +359,7 @@ class _PrefetchShare:
     def __init__(self) -> None:
         self.extra_jobs = 0
         self._qos: Any = None
-        self._taken = 0
+        self._subtracted = 0
 
     def add(self, extra_jobs: int) -> None:
         self.extra_jobs += extra_jobs
@@ -368,14 +368,14 @@ class _PrefetchShare:
             return
         if qos is not self._qos:
             # A reconnected consumer has a new window, at its full size.
-            self._qos, self._taken = qos, 0
-        full = qos.value + self._taken
+            self._qos, self._subtracted = qos, 0
+        full = qos.value + self._subtracted
         target = min(self.extra_jobs, max(full - 1, 0))
-        if target > self._taken:
-            qos.decrement_eventually(target - self._taken)
-        elif target < self._taken:
-            qos.increment_eventually(self._taken - target)
-        self._taken = target
+        if target > self._subtracted:
+            qos.decrement_eventually(target - self._subtracted)
+        elif target < self._subtracted:
+            qos.increment_eventually(self._subtracted - target)
+        self._subtracted = target
 
 
 _prefetch = _PrefetchShare()

@@ -5,8 +5,8 @@ request it queues and after each one it finishes, with ``select.poll()`` and a t
 of zero. Under gevent's monkey patching that poll is gevent's, which sets up a watcher
 and goes through the hub: about 12 µs per connection against 0.6 µs for the system call,
 measured on a development machine. With tens of idle connections per upstream host, that
-was a fifth of the worker's time inside httpx. A zero timeout never blocks, so the
-unpatched call is safe in a greenlet.
+was a fifth of the worker's time inside httpx. httpcore passes a timeout of zero, and a
+zero-timeout poll returns at once, so the unpatched call is safe in a greenlet.
 """
 
 from __future__ import annotations
