@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,21 @@ def json_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return json.dumps(value)
+
+
+def json_rows(rows: list[dict[str, Any]]) -> str:
+    """Serialise rows for a PostgreSQL statement that reads them as a JSON array, with
+    timestamps in ISO 8601."""
+    try:
+        return orjson.dumps(rows).decode()
+    except TypeError:
+        return json.dumps(rows, default=_isoformat)
+
+
+def _isoformat(value: Any) -> str:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -> Engine:

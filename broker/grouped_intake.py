@@ -22,6 +22,12 @@ A group keeps the guarantees of ``broker.jobstore.create_job``, which writes one
 Jobs of a key with a monthly spending limit always take the single-job path, because
 its check locks the key's row and sums the key's jobs of the month.
 
+On PostgreSQL a group without Idempotency-Keys takes one statement per wallet instead
+(``_hold_and_insert_sql``): the hold, its ledger entries and the job rows, in
+autocommit, so one round trip per wallet with no BEGIN or COMMIT of its own. That was
+about 0.7 ms against 1.7 ms for the transaction above, for a group of one job. Only a
+wallet that cannot cover its jobs' sum goes on to the transaction above, alone.
+
 After the commit, the task messages of the group's jobs are published with one call
 of ``publish`` (one round trip to Redis) instead of one per request. If that fails,
 each request publishes its own job again or abandons it.
@@ -30,6 +36,7 @@ each request publishes its own job again or abandons it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
@@ -41,6 +48,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
+from broker.db import json_rows
 from broker.errors import InsufficientFunds
 from broker.jobstore import create_job, insufficient_funds, used_idempotency_keys
 from broker.tables import Job, LedgerEntry, Wallet, utcnow
@@ -84,6 +92,8 @@ INSERT_JOBS = insert(JOBS)
 # Job attribute names as ``values`` uses them, mapped to column keys ("job_metadata"
 # is the column "metadata").
 JOB_COLUMN_KEYS = {attr.key: attr.columns[0].key for attr in Job.__mapper__.column_attrs}
+# The same, mapped to the columns' names in the database.
+JOB_COLUMN_NAMES = {attr.key: attr.columns[0].name for attr in Job.__mapper__.column_attrs}
 
 
 # Results of a pending job's future.
@@ -197,12 +207,15 @@ class JobGroupCommit:
                 _resolve(self._pending.popleft(), ALONE)
 
     async def _flush(self, group: list[PendingJob]) -> None:
-        """Write a group in one transaction, then resolve each request's future."""
+        """Write a group, then resolve each request's future."""
         self.flushes += 1
         try:
-            async with self.sessions.begin() as session:
-                connection = await session.connection()
-                outcome = await _write_group(connection, group, utcnow())
+            if self._single_statement() and not any(
+                item.values.get("idempotency_key") for item in group
+            ):
+                outcome = await self._write_by_wallet(group, utcnow())
+            else:
+                outcome = await self._write_in_transaction(group, utcnow())
         except asyncio.CancelledError:
             # The commit may or may not have happened, so the requests get no result.
             for item in group:
@@ -240,6 +253,58 @@ class JobGroupCommit:
             task = asyncio.get_running_loop().create_task(self._publish_held(outcome.held))
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
+
+    def _single_statement(self) -> bool:
+        """Whether groups may take ``_write_by_wallet``: on PostgreSQL."""
+        bind = self.sessions.kw.get("bind")
+        return bind is not None and bind.dialect.name == "postgresql"
+
+    async def _write_in_transaction(self, group: list[PendingJob], now: datetime) -> GroupOutcome:
+        async with self.sessions.begin() as session:
+            connection = await session.connection()
+            return await _write_group(connection, group, now)
+
+    async def _write_by_wallet(self, group: list[PendingJob], now: datetime) -> GroupOutcome:
+        """Write each wallet's jobs with one statement, in wallet id order (PostgreSQL).
+
+        Each statement commits on its own, so a wallet whose statement fails sends only
+        its own jobs to be created alone; the wallets before it keep their jobs.
+        """
+        by_wallet: defaultdict[str, list[PendingJob]] = defaultdict(list)
+        for item in group:
+            by_wallet[item.wallet_id].append(item)
+        outcome = GroupOutcome([], {}, [])
+        engine = self.sessions.kw["bind"]
+        for wallet_id in sorted(by_wallet):
+            items = by_wallet[wallet_id]
+            try:
+                async with engine.connect() as connection:
+                    connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    held, available = await _hold_and_insert(connection, wallet_id, items, now)
+                if not held and len(items) > 1:
+                    # Held one at a time, the balance covers some of them.
+                    part = await self._write_in_transaction(items, now)
+                    outcome.held.extend(part.held)
+                    outcome.rejected.update(part.rejected)
+                    continue
+            except SQLAlchemyError as exc:
+                self.failed_flushes += 1
+                cause = getattr(exc, "orig", None) or exc
+                logger.info(
+                    "%d jobs of wallet %s (first %s) not written, creating each alone: %s: %.200s",
+                    len(items),
+                    wallet_id,
+                    items[0].values.get("id"),
+                    type(cause).__name__,
+                    str(cause).partition("\n")[0],
+                )
+                outcome.alone.extend(items)
+                continue
+            if held:
+                outcome.held.extend(items)
+            else:
+                outcome.rejected[items[0]] = insufficient_funds(available or 0, items[0].hold)
+        return outcome
 
     async def _publish_held(self, held: list[PendingJob]) -> None:
         messages = [item.message for item in held if item.message is not None]
@@ -356,3 +421,74 @@ def _job_rows(items: list[PendingJob]) -> list[list[dict[str, Any]]]:
         row = {JOB_COLUMN_KEYS[name]: value for name, value in item.values.items()}
         by_columns.setdefault(tuple(sorted(row)), []).append(row)
     return list(by_columns.values())
+
+
+async def _hold_and_insert(
+    connection: AsyncConnection, wallet_id: str, items: list[PendingJob], now: datetime
+) -> tuple[bool, int | None]:
+    """Hold the sum of ``items`` on the wallet and insert their ledger entries and job
+    rows, all or none, in one statement (PostgreSQL).
+
+    Returns whether the wallet covered the sum, and its available balance before.
+    """
+    rows_by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for item in items:
+        row = {JOB_COLUMN_NAMES[name]: value for name, value in item.values.items()}
+        rows_by_columns.setdefault(tuple(sorted(row)), []).append(row)
+    parameters: dict[str, Any] = {
+        "wallet_id": wallet_id,
+        "amount": sum(item.hold for item in items),
+        "moment": now,
+        "holds": json_rows(
+            [
+                {
+                    "job_id": item.values["id"],
+                    "held_delta_micro_usd": item.hold,
+                    "created_at": item.values["created_at"],
+                }
+                for item in items
+            ]
+        ),
+    }
+    for index, rows in enumerate(rows_by_columns.values()):
+        parameters[f"jobs_{index}"] = json_rows(rows)
+    result = await connection.exec_driver_sql(
+        _hold_and_insert_sql(tuple(rows_by_columns)), parameters
+    )
+    held, available = result.one()
+    return bool(held), available
+
+
+@functools.lru_cache(maxsize=64)
+def _hold_and_insert_sql(column_sets: tuple[tuple[str, ...], ...]) -> str:
+    """Return the statement of ``_hold_and_insert`` for job rows with these column sets.
+
+    Data-modifying WITH clauses run exactly once, whether read or not, and all see the
+    snapshot the statement started with, so the last SELECT reads the balance before
+    the hold. The UPDATE rechecks its condition on the newest row version if it had to
+    wait for another transaction's lock, so concurrent holds cannot overdraw the wallet.
+    """
+    inserts = []
+    for index, columns in enumerate(column_sets):
+        names = ", ".join(f'"{column}"' for column in columns)
+        picked = ", ".join(f'j."{column}"' for column in columns)
+        inserts.append(
+            f"jobs_{index} AS (INSERT INTO jobs ({names}) SELECT {picked} "
+            f"FROM jsonb_populate_recordset(NULL::jobs, %(jobs_{index})s::jsonb) AS j "
+            "WHERE EXISTS (SELECT FROM held))"
+        )
+    return (
+        "WITH held AS ("
+        "UPDATE wallets SET held_micro_usd = held_micro_usd + %(amount)s, "
+        "updated_at = %(moment)s "
+        "WHERE id = %(wallet_id)s AND balance_micro_usd - held_micro_usd >= %(amount)s "
+        "RETURNING id), "
+        "entries AS (INSERT INTO ledger_entries (wallet_id, kind, amount_micro_usd, "
+        "held_delta_micro_usd, idempotency_key, job_id, note, created_at) "
+        "SELECT held.id, 'hold', 0, h.held_delta_micro_usd, 'hold:' || h.job_id, h.job_id, "
+        "'', h.created_at FROM held, jsonb_to_recordset(%(holds)s::jsonb) "
+        "AS h(job_id text, held_delta_micro_usd bigint, created_at timestamptz)), "
+        + ", ".join(inserts)
+        + " SELECT EXISTS (SELECT FROM held), "
+        "(SELECT balance_micro_usd - held_micro_usd FROM wallets WHERE id = %(wallet_id)s)"
+    )

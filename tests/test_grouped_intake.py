@@ -10,12 +10,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from broker import grouped_intake
 from broker.accounts import create_account
@@ -512,3 +513,77 @@ def test_stuck_group_publish_times_out(database: Database, monkeypatch: pytest.M
     assert outcomes == [False]
     assert database.job_ids(account) == set(job_ids)
     assert database.held(account) == 100
+
+
+def test_group_stores_every_column_as_given(database: Database) -> None:
+    account = database.new_account(10_000)
+    plain, detached = Request(account, 100), Request(account, 200)
+    plain_values = job_values(plain)
+    # An asynchronous job carries two more columns, so the group has two column sets.
+    detached_values = {
+        **job_values(detached),
+        "webhook_url": "https://hooks.example.com/done",
+        "job_metadata": {"team": "search", "tags": ["a", "b"]},
+        "request": {"messages": [{"role": "user", "content": 'ünïcode \u2603 "quoted"'}]},
+        "route": [{"provider": "p", "region": "us", "input_price": 2**70}],
+    }
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[Any], int]:
+        outcomes = await asyncio.gather(
+            *(
+                writer.create_job(wallet_id=account.wallet_id, hold=request.hold, values=values)
+                for request, values in ((plain, plain_values), (detached, detached_values))
+            ),
+            return_exceptions=True,
+        )
+        return list(outcomes), writer.flushes
+
+    outcomes, flushes = run_with_writers(database.url, 1, scenario)
+
+    assert outcomes == [False, False]
+    assert flushes == 1
+    with database.sessions() as session:
+        for values in (plain_values, detached_values):
+            job = session.get(Job, values["id"])
+            for name, value in values.items():
+                assert as_utc(getattr(job, name)) == value, name
+            assert job.dispatch_count == 0
+            assert job.cached_prompt_tokens == 0
+        assert session.get(Job, plain_values["id"]).webhook_url is None
+        assert session.get(Job, plain_values["id"]).job_metadata is None
+    assert database.hold_entries(account) == {plain_values["id"]: 100, detached_values["id"]: 200}
+    assert database.held(account) == 300
+    assert database.ledger_ok(account)
+
+
+def as_utc(value: Any) -> Any:
+    """SQLite returns timestamps without their zone; they were written in UTC."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def test_failed_wallet_leaves_other_wallets_jobs(database: Database) -> None:
+    good = database.new_account(10_000)
+    other = database.new_account(10_000)
+    good_values = job_values(Request(good, 100))
+    # A job row naming an account that does not exist fails its foreign key.
+    broken_values = {**job_values(Request(other, 200)), "account_id": "acct_missing"}
+
+    async def scenario(writer: JobGroupCommit) -> list[Any]:
+        outcomes = await asyncio.gather(
+            writer.create_job(wallet_id=good.wallet_id, hold=100, values=good_values),
+            writer.create_job(wallet_id=other.wallet_id, hold=200, values=broken_values),
+            return_exceptions=True,
+        )
+        return list(outcomes)
+
+    outcomes = run_with_writers(database.url, 1, scenario)
+
+    assert outcomes[0] is False
+    assert isinstance(outcomes[1], IntegrityError)
+    assert database.job_ids(good) == {good_values["id"]}
+    assert database.held(good) == 100
+    assert database.held(other) == 0
+    assert database.hold_entries(other) == {}
+    assert database.ledger_ok(good) and database.ledger_ok(other)
