@@ -129,3 +129,49 @@ def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> 
         assert jobs[last].completion_tokens == 4
         assert _attempt_count(session, first) == 1
         assert _attempt_count(session, last) == 1
+
+
+def test_outcome_sets_only_the_values_it_has(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        account, _ = create_account(session, "outcomes")
+        # The primary target's prices, written when the job was created.
+        jobs = [new_job(account.id, "running", cached_input_price_micro_usd=7) for _ in range(2)]
+        session.add_all(jobs)
+        served, failed = (job.id for job in jobs)
+    cached_result = {**COMPLETION, "usage": {"prompt_tokens_details": {"cached_tokens": 4}}}
+    finished = [
+        # Served by a target without a cached-input price.
+        (_spec(served), Outcome(result=UpstreamResult(cached_result, 10, 2, 200), attempts=[])),
+        (_spec(failed), _failed(failed)),
+    ]
+
+    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+
+    assert stored == [True, True]
+    with sessions() as session:
+        jobs = {job.id: job for job in session.scalars(select(Job))}
+        assert jobs[served].cached_input_price_micro_usd is None
+        assert jobs[served].cached_prompt_tokens == 4
+        assert jobs[served].response == cached_result
+        assert jobs[failed].cached_input_price_micro_usd == 7
+        assert (jobs[failed].prompt_tokens, jobs[failed].completion_tokens) == (0, 0)
+        assert jobs[failed].cached_prompt_tokens == 0
+        assert jobs[failed].served_provider == "openai"
+        assert _attempt_count(session, served) == 0
+        assert _attempt_count(session, failed) == 1
+
+
+def test_repeated_job_in_one_group_stored_once(sessions: sessionmaker[Session]) -> None:
+    (job_id,) = _add_jobs(sessions, ["running"])
+    finished = [
+        (_spec(job_id), _succeeded(job_id, 1, 2)),
+        (_spec(job_id), _succeeded(job_id, 5, 6)),
+    ]
+
+    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+
+    assert stored == [True, False]
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.prompt_tokens, job.completion_tokens) == (1, 2)
+        assert _attempt_count(session, job_id) == 1

@@ -10,12 +10,13 @@ from collections import defaultdict
 from typing import Any
 
 from celery import Task, bootsteps
-from sqlalchemy import Connection, Update, bindparam, insert, or_, update
+from sqlalchemy import Connection, Engine, Update, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from broker.catalog import queue_name
 from broker.circuits import CircuitBreaker, state_from, state_keys, target_name
+from broker.db import json_rows
 from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
@@ -188,14 +189,97 @@ def _store_one_by_one(connection: Connection, finished: list[Finished]) -> list[
     return stored
 
 
+# Stores outcomes and their attempts in one statement, on PostgreSQL. The flags say
+# which optional values an outcome has: a failed job keeps its zero token counts, and a
+# served job takes the cached-input price of the target that served it, even if none.
+STORE_OUTCOMES = """
+WITH given AS (
+    SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
+        id text, status text, finished_at timestamptz, served_provider text,
+        served_region text, served_model text, input_price_micro_usd bigint,
+        output_price_micro_usd bigint, response jsonb, prompt_tokens integer,
+        completion_tokens integer, cached_prompt_tokens integer,
+        cached_input_price_micro_usd bigint, error jsonb, has_result boolean,
+        has_error boolean)
+), stored AS (
+    UPDATE jobs SET
+        status = o.status,
+        finished_at = o.finished_at,
+        served_provider = o.served_provider,
+        served_region = o.served_region,
+        served_model = o.served_model,
+        input_price_micro_usd = o.input_price_micro_usd,
+        output_price_micro_usd = o.output_price_micro_usd,
+        response = CASE WHEN o.has_result THEN o.response ELSE jobs.response END,
+        prompt_tokens = CASE WHEN o.has_result THEN o.prompt_tokens ELSE jobs.prompt_tokens END,
+        completion_tokens =
+            CASE WHEN o.has_result THEN o.completion_tokens ELSE jobs.completion_tokens END,
+        cached_prompt_tokens =
+            CASE WHEN o.has_result THEN o.cached_prompt_tokens ELSE jobs.cached_prompt_tokens END,
+        cached_input_price_micro_usd = CASE WHEN o.has_result
+            THEN o.cached_input_price_micro_usd ELSE jobs.cached_input_price_micro_usd END,
+        error = CASE WHEN o.has_error THEN o.error ELSE jobs.error END
+    FROM given AS o
+    WHERE jobs.id = o.id AND jobs.status IN ('queued', 'running')
+    RETURNING jobs.id
+), attempted AS (
+    INSERT INTO attempts (job_id, number, provider, region, upstream_model, worker,
+        latency_ms, status_code, error, started_at)
+    SELECT a.job_id, a.number, a.provider, a.region, a.upstream_model, a.worker,
+        a.latency_ms, a.status_code, a.error, a.started_at
+    FROM jsonb_populate_recordset(NULL::attempts, %(attempts)s::jsonb) AS a
+    WHERE a.job_id IN (SELECT id FROM stored)
+)
+SELECT id FROM stored
+"""
+
+
+def _store_in_one_statement(engine: Engine, finished: list[Finished]) -> list[bool]:
+    """Store the outcomes whose jobs are not final yet, with their attempts (PostgreSQL).
+
+    One statement in autocommit: one round trip, with no BEGIN or COMMIT of its own,
+    and no second pass when a job was already final, because it returns the jobs it
+    stored.
+    """
+    # A job given twice gets its first outcome; the later ones count as repeated.
+    first = {}
+    for index, (spec, _) in enumerate(finished):
+        first.setdefault(spec["job_id"], index)
+    outcomes = []
+    attempts = []
+    for index in first.values():
+        spec, outcome = finished[index]
+        values = _outcome_values(spec, outcome)
+        values.update(
+            id=spec["job_id"],
+            has_result=outcome.result is not None,
+            has_error=outcome.error is not None,
+        )
+        outcomes.append(values)
+        attempts.extend(_attempt_rows(spec["job_id"], outcome))
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        result = connection.exec_driver_sql(
+            STORE_OUTCOMES, {"outcomes": json_rows(outcomes), "attempts": json_rows(attempts)}
+        )
+        stored_ids = set(result.scalars())
+    return [
+        spec["job_id"] in stored_ids and first[spec["job_id"]] == index
+        for index, (spec, _) in enumerate(finished)
+    ]
+
+
 @_db_retry
 def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
     """Store each outcome unless its job is already final (a repeated delivery).
 
-    Returns, per outcome, whether it was stored. All are written in one transaction:
-    first with one statement for all jobs, and only if one of them was already final,
-    again job by job.
+    Returns, per outcome, whether it was stored. All are written in one transaction.
+    PostgreSQL takes one statement. Elsewhere each set of columns takes one statement
+    for all jobs; if one of the jobs was already final, the outcomes are written again
+    job by job.
     """
+    engine = ctx.sessions.kw["bind"]
+    if engine.dialect.name == "postgresql":
+        return _store_in_one_statement(engine, finished)
     try:
         with ctx.sessions.begin() as session:
             _store_together(session.connection(), finished)
