@@ -36,6 +36,8 @@ class KeyAuthenticator:
         self.sessions = sessions
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[Principal, float]] = {}
+        # Lookups in flight, by key digest (see _shared_lookup).
+        self._lookups: dict[str, asyncio.Future[Principal]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -58,11 +60,37 @@ class KeyAuthenticator:
                 raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
             return principal
 
-        principal = await self._lookup(key, digest)
+        return await self._shared_lookup(key, digest)
+
+    async def _shared_lookup(self, key: str, digest: str) -> Principal:
+        """Look the key up, or wait for the lookup of it already in flight.
+
+        When a busy key's cache entry expires, every request in flight misses at
+        once. Sharing one lookup keeps that to one query, instead of one query and one
+        pooled connection per request, which overflowed the pool and made it open and
+        close connections every few seconds.
+        """
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(key, digest))
+            self._lookups[digest] = pending
+            pending.add_done_callback(lambda done: self._lookup_done(digest, done))
+        # Shielded: a request that goes away must not cancel the others' lookup.
+        return await asyncio.shield(pending)
+
+    def _lookup_done(self, digest: str, done: asyncio.Future[Principal]) -> None:
+        current = self._lookups.get(digest) is done
+        if current:
+            del self._lookups[digest]
+        if done.cancelled():
+            return
+        # Also marks the error retrieved when every waiting request went away.
+        if done.exception() is not None or not current:
+            # A lookup that ``forget`` dropped may have read the key before it changed.
+            return
         if len(self._cache) >= MAX_CACHED_KEYS:
             self._cache.clear()
-        self._cache[digest] = (principal, now + self.cache_ttl_s)
-        return principal
+        self._cache[digest] = (done.result(), time.monotonic() + self.cache_ttl_s)
 
     async def _lookup(self, key: str, digest: str) -> Principal:
         incorrect = AuthenticationFailed(f"Incorrect API key provided: {_masked(key)}.")
@@ -106,6 +134,7 @@ class KeyAuthenticator:
 
     def forget(self, digest: str) -> None:
         self._cache.pop(digest, None)
+        self._lookups.pop(digest, None)
 
     async def follow_key_changes(self, redis: aioredis.Redis) -> None:
         """Drop a cached key as soon as any process announces it changed (revoked,
