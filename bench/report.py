@@ -529,10 +529,10 @@ def render(
         "non-2xx; socket errors and timeouts (60 s) are counted apart.",
         f"- Streaming load: bench/pyload.py (asyncio, httpx, uvloop) in its own process, e.g. "
         f"`{broker['example_commands'].get('streaming', 'n/a')}`.",
-        "- After each broker run the benchmark waits until every job of the run has "
-        "finished, so no run's jobs still occupy the worker during the next. It does not "
-        "wait for settlement: the billing worker settles earlier jobs in the background "
-        "during later runs, as in production.",
+        "- After each broker run the benchmark waits until every job of the run is "
+        "settled, so no run's jobs still occupy the workers or the billing worker during "
+        "the next, as no direct run's do: the settling of a saturating run's backlog "
+        "would slow the single-request runs after it.",
         "",
         "## a. Synchronous chat completions",
         "",
