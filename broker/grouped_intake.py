@@ -255,7 +255,7 @@ class JobGroupCommit:
             task.add_done_callback(self._publishing.discard)
 
     def _single_statement(self) -> bool:
-        """Whether groups may take ``_write_by_wallet``: on PostgreSQL."""
+        """Return whether groups may take ``_write_by_wallet``, which needs PostgreSQL."""
         bind = self.sessions.kw.get("bind")
         return bind is not None and bind.dialect.name == "postgresql"
 
@@ -268,7 +268,7 @@ class JobGroupCommit:
         """Write each wallet's jobs with one statement, in wallet id order (PostgreSQL).
 
         Each statement commits on its own, so a wallet whose statement fails sends only
-        its own jobs to be created alone; the wallets before it keep their jobs.
+        its own jobs to be created alone. The wallets before it keep their jobs.
         """
         by_wallet: defaultdict[str, list[PendingJob]] = defaultdict(list)
         for item in group:
@@ -280,9 +280,9 @@ class JobGroupCommit:
             try:
                 async with engine.connect() as connection:
                     connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    held, available = await _hold_and_insert(connection, wallet_id, items, now)
-                if not held and len(items) > 1:
-                    # Held one at a time, the balance covers some of them.
+                    covered, available = await _hold_and_insert(connection, wallet_id, items, now)
+                if not covered and len(items) > 1:
+                    # The balance may cover some of the jobs when each is held alone.
                     part = await self._write_in_transaction(items, now)
                     outcome.held.extend(part.held)
                     outcome.rejected.update(part.rejected)
@@ -291,7 +291,8 @@ class JobGroupCommit:
                 self.failed_flushes += 1
                 cause = getattr(exc, "orig", None) or exc
                 logger.info(
-                    "%d jobs of wallet %s (first %s) not written, creating each alone: %s: %.200s",
+                    "writing %d jobs of wallet %s (first %s) failed, creating each alone: "
+                    "%s: %.200s",
                     len(items),
                     wallet_id,
                     items[0].values.get("id"),
@@ -300,7 +301,7 @@ class JobGroupCommit:
                 )
                 outcome.alone.extend(items)
                 continue
-            if held:
+            if covered:
                 outcome.held.extend(items)
             else:
                 outcome.rejected[items[0]] = insufficient_funds(available or 0, items[0].hold)
@@ -455,8 +456,8 @@ async def _hold_and_insert(
     result = await connection.exec_driver_sql(
         _hold_and_insert_sql(tuple(rows_by_columns)), parameters
     )
-    held, available = result.one()
-    return bool(held), available
+    covered, available = result.one()
+    return bool(covered), available
 
 
 @functools.lru_cache(maxsize=64)
@@ -465,8 +466,8 @@ def _hold_and_insert_sql(column_sets: tuple[tuple[str, ...], ...]) -> str:
 
     Data-modifying WITH clauses run exactly once, whether read or not, and all see the
     snapshot the statement started with, so the last SELECT reads the balance before
-    the hold. The UPDATE rechecks its condition on the newest row version if it had to
-    wait for another transaction's lock, so concurrent holds cannot overdraw the wallet.
+    the hold. Under READ COMMITTED, PostgreSQL rechecks the UPDATE's condition on the
+    newest row version after waiting for a lock, so concurrent holds cannot overdraw it.
     """
     inserts = []
     for index, columns in enumerate(column_sets):

@@ -586,4 +586,5 @@ def test_failed_wallet_leaves_other_wallets_jobs(database: Database) -> None:
     assert database.held(good) == 100
     assert database.held(other) == 0
     assert database.hold_entries(other) == {}
-    assert database.ledger_ok(good) and database.ledger_ok(other)
+    assert database.ledger_ok(good)
+    assert database.ledger_ok(other)

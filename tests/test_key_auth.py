@@ -53,14 +53,14 @@ def test_concurrent_requests_share_one_lookup(api_key: tuple[str, str]) -> None:
                 *(auth.authenticate(f"Bearer {key}") for _ in range(20))
             )
             shared = len(queries)
-            # A wrong key fails for every request that asked at the same time.
+            # A wrong key fails for every request sent at the same time.
             wrong = f"{key[:-4]}xxxx"
             failures = await asyncio.gather(
                 *(auth.authenticate(f"Bearer {wrong}") for _ in range(5)),
                 return_exceptions=True,
             )
             after_wrong = len(queries)
-            # A failed lookup is not cached; a dropped key is looked up again.
+            # A failed lookup is not cached, and a dropped key is looked up again.
             await asyncio.gather(auth.authenticate(f"Bearer {wrong}"), return_exceptions=True)
             auth.forget(hash_key(key))
             await auth.authenticate(f"Bearer {key}")
