@@ -15,6 +15,7 @@ from broker.db import make_engine, session_factory
 from broker.ratelimit import ProviderGate, parse_provider_limits
 from broker.redis_clients import sync_client
 from broker.settings import Settings, get_settings
+from workers.upstream_http import UpstreamClient
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
 CONNECT_TIMEOUT_S = 10.0
@@ -22,7 +23,7 @@ CONNECT_TIMEOUT_S = 10.0
 # pool, polling each idle socket, whenever a request starts or ends, so one pool of
 # hundreds of connections costs more CPU per call than the call itself. Calls are
 # spread over several clients so that each pool stays small.
-CALLS_PER_CLIENT = 32
+CALLS_PER_CLIENT = 8
 
 
 @dataclass
@@ -31,11 +32,11 @@ class WorkerContext:
     catalog: Catalog
     sessions: sessionmaker[Session]
     redis: redis.Redis
-    http_clients: list[httpx.Client]
+    http_clients: list[UpstreamClient]
     gate: ProviderGate
 
     @property
-    def http(self) -> httpx.Client:
+    def http(self) -> UpstreamClient:
         """Return one of the process's HTTP clients, picked at random per call."""
         return random.choice(self.http_clients)
 
@@ -53,11 +54,9 @@ def get_context() -> WorkerContext:
     # Any client may carry every call at once, so none queues while others are free;
     # each keeps about its share of connections alive between calls.
     http_clients = [
-        httpx.Client(
-            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
-            limits=httpx.Limits(
-                max_connections=slots, max_keepalive_connections=2 * CALLS_PER_CLIENT
-            ),
+        UpstreamClient(
+            httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
+            httpx.Limits(max_connections=slots, max_keepalive_connections=2 * CALLS_PER_CLIENT),
         )
         for _ in range(clients)
     ]

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import orjson
 
 from workers.adapters.base import UpstreamResult, UpstreamStatusError, UpstreamUnreachable
@@ -39,6 +38,7 @@ from workers.adapters.translate_common import (
     stop_sequences,
     upstream_call,
 )
+from workers.upstream_http import HttpClient
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -465,7 +465,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 def chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],
@@ -494,7 +494,7 @@ def chat_completion(
 
 
 def stream_chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import orjson
 
 from workers.adapters.base import UpstreamResult, UpstreamStatusError, UpstreamUnreachable
@@ -46,6 +45,7 @@ from workers.adapters.translate_common import (
     stop_sequences,
     upstream_call,
 )
+from workers.upstream_http import HttpClient
 
 # Media type of an image URL whose extension names no image type.
 DEFAULT_IMAGE_MIME_TYPE = "image/jpeg"
@@ -582,7 +582,7 @@ def _model_url(base_url: str, upstream_model: str, method: str) -> str:
 
 
 def chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],
@@ -616,7 +616,7 @@ def chat_completion(
 
 
 def stream_chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],
@@ -759,7 +759,7 @@ def to_gemini_embedding_request(body: dict[str, Any], upstream_model: str) -> di
 
 
 def embeddings(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],

@@ -14,6 +14,7 @@ from workers.adapters.base import (
     UpstreamUnreachable,
     parse_retry_after,
 )
+from workers.upstream_http import HttpClient
 
 # Body fields that steer the broker itself and mean nothing to a provider.
 BROKER_FIELDS = ("region", "region_pin", "models", "fallbacks", "drop_params")
@@ -36,7 +37,7 @@ def _error_message(response: httpx.Response) -> tuple[str, str | None]:
 
 
 def chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import orjson
 
 from workers.adapters.base import UpstreamResult, UpstreamStatusError, UpstreamUnreachable
@@ -18,6 +17,7 @@ from workers.adapters.translate_common import (
     raise_for_status,
     upstream_call,
 )
+from workers.upstream_http import HttpClient
 
 DONE_DATA = "[DONE]"
 
@@ -51,7 +51,7 @@ def stream_request_body(body: dict[str, Any], upstream_model: str) -> dict[str, 
 
 
 def stream_chat_completion(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],
@@ -119,7 +119,7 @@ def _stream_error_status(code: str | None) -> int:
 
 
 def embeddings(
-    client: httpx.Client,
+    client: HttpClient,
     base_url: str,
     api_key: str | None,
     body: dict[str, Any],

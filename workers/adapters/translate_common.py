@@ -25,6 +25,7 @@ from workers.adapters.base import (
     UpstreamUnreachable,
     parse_retry_after,
 )
+from workers.upstream_http import HttpClient
 
 # Maximum length of a provider error message kept in an exception, in characters.
 MAX_ERROR_MESSAGE_CHARS = 500
@@ -77,7 +78,7 @@ def upstream_call(timeout_s: float) -> Iterator[None]:
 
 
 def post_json(
-    client: httpx.Client,
+    client: HttpClient,
     url: str,
     headers: dict[str, str],
     payload: Any,
