@@ -10,12 +10,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from broker import response_cache
 from broker.api.guards import enforce_rate_limit, plan_cache, remember
-from broker.api.services import Caller, services
+from broker.api.services import RequestOnlyRoute, principal, services
 from broker.chat_request import parse_json_body, validate_chat_request
 from broker.errors import InvalidRequest, PayloadTooLarge, from_job_error
 from broker.jsonresponse import json_bytes
 
-router = APIRouter()
+# The calls that run as jobs are the hot path: each endpoint reads its own request.
+router = APIRouter(route_class=RequestOnlyRoute)
 
 SSE_DONE = b"data: [DONE]\n\n"
 # Maximum length of an Idempotency-Key, because the column stores 200 characters.
@@ -60,7 +61,8 @@ def _final_response(reply: dict[str, Any]) -> Response:
 
 
 @router.post("/v1/chat/completions")
-async def create_chat_completion(request: Request, caller: Caller) -> Response:
+async def create_chat_completion(request: Request) -> Response:
+    caller = await principal(request)
     body = await _read_body(request)
     cache_flag = response_cache.pop_cache_flag(body)
     chat = validate_chat_request(body)
@@ -142,7 +144,8 @@ async def _sse(
 
 
 @router.post("/v1/embeddings")
-async def create_embeddings(request: Request, caller: Caller) -> Response:
+async def create_embeddings(request: Request) -> Response:
+    caller = await principal(request)
     body = await _read_body(request)
     state = services(request)
     submission = state.intake.prepare_embeddings(body, caller)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from broker.api.auth import KeyAuthenticator
@@ -34,10 +37,23 @@ def services(request: Request) -> Services:
 
 
 async def principal(request: Request) -> Principal:
-    """Authenticate the request's bearer key (a FastAPI dependency)."""
+    """Authenticate the request's bearer key (a FastAPI dependency, or called directly)."""
     caller = await services(request).auth.authenticate(request.headers.get("authorization"))
     account_id_var.set(caller.account_id)
     return caller
 
 
 Caller = Annotated[Principal, Depends(principal)]
+
+
+class RequestOnlyRoute(APIRoute):
+    """A route whose endpoint takes the Request alone and builds its Response itself.
+
+    FastAPI's own handler solves the endpoint's parameters on every request, and parses
+    the query string and cookies even where no parameter reads them. On the chat path
+    that took about a seventh of the API's CPU in a profile at 200 concurrent requests,
+    so these endpoints are called directly.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        return self.endpoint
