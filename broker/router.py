@@ -136,6 +136,8 @@ def plan_route(
         )
 
     plan: list[Target] = []
+    # Keyed by model id and region: comparing Target objects compares whole models.
+    planned: set[tuple[str, str]] = set()
     candidates = [model] + [
         _fallback(catalog, model, model_id, p) for model_id, p in _fallback_models(body)
     ]
@@ -145,11 +147,10 @@ def plan_route(
             regions.remove(preferred)
             regions.insert(0, preferred)
         for region in regions:
-            if pinned and region != pinned:
+            if (pinned and region != pinned) or (candidate.id, region) in planned:
                 continue
-            target = Target(candidate, region, lane, price_ppm)
-            if target not in plan:
-                plan.append(target)
+            planned.add((candidate.id, region))
+            plan.append(Target(candidate, region, lane, price_ppm))
     return plan
 
 
