@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -112,6 +112,26 @@ def json_rows(rows: list[dict[str, Any]]) -> str:
         return orjson.dumps(rows).decode()
     except TypeError:
         return json.dumps(rows, default=_isoformat)
+
+
+def execute_unprepared(
+    connection: Connection, statement: str, parameters: dict[str, Any]
+) -> CursorResult[Any]:
+    """Run a statement on a psycopg connection without preparing it, so it is planned
+    for these parameters and the table sizes of now.
+
+    psycopg prepares a statement after a few runs, and PostgreSQL may then keep a
+    generic plan. For a join of jobs with rows given as JSON, the generic plan made
+    while the table was small scanned all of it, and with autovacuum off nothing
+    replaced it as the table grew.
+    """
+    driver = connection.connection.driver_connection
+    threshold = driver.prepare_threshold
+    driver.prepare_threshold = None
+    try:
+        return connection.exec_driver_sql(statement, parameters)
+    finally:
+        driver.prepare_threshold = threshold
 
 
 def _isoformat(value: Any) -> str:

@@ -195,6 +195,23 @@ def test_settle_jobs_charges_finished_once(sessions: sessionmaker[Session]) -> N
         )
         assert releases == 1
         assert session.get(Job, running).settled_at is None
+        assert session.get(Job, a).cost_micro_usd == 6_000
+        assert session.get(Job, b).cost_micro_usd == 2_000
+        assert session.get(Job, c).cost_micro_usd == 0
+        charge = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == f"charge:{a}")
+        ).one()
+        assert charge.wallet_id == first_wallet.id
+        assert charge.job_id == a
+        assert charge.amount_micro_usd == -6_000
+        assert charge.held_delta_micro_usd == 0
+        assert charge.created_at == session.get(Job, a).settled_at
+        release = session.scalars(
+            select(LedgerEntry).where(LedgerEntry.idempotency_key == f"release:{c}")
+        ).one()
+        assert release.wallet_id == second_wallet.id
+        assert release.amount_micro_usd == 0
+        assert release.held_delta_micro_usd == -HOLD
         for wallet in (first_wallet, second_wallet):
             assert check_wallet(session, wallet.id).ok
 
