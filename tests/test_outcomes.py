@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from support import new_job
@@ -16,7 +18,9 @@ from broker.db import make_engine, session_factory
 from broker.tables import Attempt, Job, utcnow
 from workers.adapters.base import UpstreamError, UpstreamResult
 from workers.calls import Outcome
-from workers.dispatch import record_outcomes
+from workers.dispatch import hand_back, record_outcomes
+from workers.markers import done_key, lease_key
+from workers.replies import REPLY_TTL_S
 
 COMPLETION = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [], "usage": {}}
 
@@ -175,3 +179,42 @@ def test_repeated_job_in_one_group_stored_once(sessions: sessionmaker[Session]) 
         job = session.get(Job, job_id)
         assert (job.prompt_tokens, job.completion_tokens) == (1, 2)
         assert _attempt_count(session, job_id) == 1
+
+
+# Database number of the test Redis server that only the hand-back test uses.
+HAND_BACK_REDIS_DB = 11
+
+
+def test_hand_back_replies_then_expires_each_list(redis_server: Any) -> None:
+    client = redis.Redis(port=redis_server.port, db=HAND_BACK_REDIS_DB)
+    try:
+        specs = [
+            {**_spec("job_a"), "reply_to": "broker:reply:one", "body": {}},
+            {**_spec("job_b"), "reply_to": "broker:reply:one", "body": {}},
+            {**_spec("job_c"), "reply_to": "broker:reply:two", "body": {}},
+            {**_spec("job_d"), "reply_to": None, "body": {}},
+            {**_spec("job_e"), "reply_to": "broker:reply:three", "body": {}},
+        ]
+        for spec in specs:
+            client.set(lease_key(spec["job_id"]), b"us|test")
+        finished = [(spec, _succeeded(spec["job_id"], 10, 5)) for spec in specs]
+
+        # job_e was already final: it gets its done marker but no reply.
+        hand_back(SimpleNamespace(redis=client), finished, [True, True, True, True, False])
+
+        one = [orjson.loads(raw) for raw in client.lrange("broker:reply:one", 0, -1)]
+        assert [reply["job_id"] for reply in one] == ["job_a", "job_b"]
+        assert one[0]["status"] == "succeeded"
+        assert one[0]["cost_micro_usd"] > 0
+        assert client.llen("broker:reply:two") == 1
+        assert not client.exists("broker:reply:three")
+        for name in ("broker:reply:one", "broker:reply:two"):
+            assert 0 < client.ttl(name) <= REPLY_TTL_S
+        for spec in specs:
+            assert client.exists(done_key(spec["job_id"]))
+        for job_id in ("job_a", "job_b", "job_c", "job_d"):
+            assert not client.exists(lease_key(job_id))
+        assert client.exists(lease_key("job_e"))
+    finally:
+        client.flushdb()
+        client.close()

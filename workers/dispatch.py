@@ -32,7 +32,7 @@ from workers.context import WorkerContext, get_context
 from workers.group_commit import GroupCommit
 from workers.heartbeat import holder_alive, worker_identity
 from workers.markers import DONE_TTL_S, done_key, lease_key, queued_key
-from workers.replies import queue_final_reply
+from workers.replies import REPLY_TTL_S, queue_final_reply
 from workers.streaming import cancel_key
 
 logger = logging.getLogger(__name__)
@@ -335,15 +335,21 @@ def hand_back(
             pipe.lpush(message.key, message.payload)
         except Exception:
             logger.exception("could not encode the settle task of %d jobs", len(settle))
+    reply_lists: set[str] = set()
     for (spec, outcome), ok in zip(finished, stored, strict=True):
         if ok is True or ok is False:
             pipe.set(done_key(spec["job_id"]), b"1", ex=DONE_TTL_S)
         if ok is True:
             try:
-                queue_final_reply(pipe, spec, outcome)
+                reply_to = queue_final_reply(pipe, spec, outcome)
+                if reply_to is not None:
+                    reply_lists.add(reply_to)
             except Exception:
                 logger.exception("could not encode the reply of job %s", spec["job_id"])
             pipe.delete(lease_key(spec["job_id"]))
+    # Most replies of a group go to the same API process: one expiry per list.
+    for reply_to in reply_lists:
+        pipe.expire(reply_to, REPLY_TTL_S)
     try:
         pipe.execute()
     except Exception as exc:  # noqa: BLE001  (logged; see the docstring for the repair)

@@ -16,15 +16,20 @@ REPLY_TTL_S = 300
 def send_final_reply(client: redis.Redis, spec: dict[str, Any], outcome: Any) -> None:
     """Hand a job's final outcome to the API process waiting for it, if one waits."""
     pipe = client.pipeline(transaction=False)
-    queue_final_reply(pipe, spec, outcome)
+    reply_to = queue_final_reply(pipe, spec, outcome)
+    if reply_to is not None:
+        pipe.expire(reply_to, REPLY_TTL_S)
     pipe.execute()
 
 
-def queue_final_reply(pipe: redis.client.Pipeline, spec: dict[str, Any], outcome: Any) -> None:
-    """Add the commands of ``send_final_reply`` to ``pipe``, if a request waits."""
+def queue_final_reply(
+    pipe: redis.client.Pipeline, spec: dict[str, Any], outcome: Any
+) -> str | None:
+    """Add the push of ``send_final_reply`` to ``pipe``, if a request waits, and return
+    the reply list. The caller sets the list's expiry once per list, after its pushes."""
     reply_to = spec.get("reply_to")
     if not reply_to:
-        return
+        return None
     message: dict[str, Any] = {
         "job_id": spec["job_id"],
         "type": "final",
@@ -47,4 +52,4 @@ def queue_final_reply(pipe: redis.client.Pipeline, spec: dict[str, Any], outcome
     if outcome.error is not None:
         message["error"] = outcome.error.to_job_error()
     pipe.rpush(reply_to, orjson.dumps(message))
-    pipe.expire(reply_to, REPLY_TTL_S)
+    return reply_to
