@@ -12,6 +12,7 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from broker.gc_tuning import tune_after_startup
 from broker.metrics import mark_process_dead, start_worker_metrics_server
 from broker.settings import get_settings
 from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
@@ -57,6 +58,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
         _stop_sweeper = start_sweeper(get_settings().sweep_interval_s)
         # Webhook retries, batch windows and expiry, job retention (workers.async_pass).
         _stop_async_pass = start_async_pass(get_settings().async_pass_interval_s)
+    tune_after_startup()
 
 
 @worker_shutdown.connect

@@ -34,6 +34,7 @@ from broker.api.services import Services, services
 from broker.catalog import load_catalog
 from broker.db import async_session_factory, make_async_engine
 from broker.errors import BrokerError, ServiceUnavailable
+from broker.gc_tuning import tune_after_startup
 from broker.intake import Intake
 from broker.jsonresponse import ORJSONResponse
 from broker.logcontext import RequestIdMiddleware
@@ -81,6 +82,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: Services = app.state.services
     await state.replies.start()
     key_changes = asyncio.create_task(state.auth.follow_key_changes(state.replies.redis))
+    tune_after_startup()
     logger.info(
         "API ready: %d models, reply list %s", len(state.catalog.models), state.replies.channel
     )
