@@ -105,9 +105,9 @@ def json_text(value: Any) -> str:
         return json.dumps(value)
 
 
-def json_rows(rows: list[dict[str, Any]]) -> str:
-    """Serialise rows for a PostgreSQL statement that reads them as a JSON array, with
-    timestamps in ISO 8601."""
+def json_rows(rows: list[dict[str, Any]] | dict[str, Any]) -> str:
+    """Serialise rows (or one row) for a PostgreSQL statement that reads them as JSON,
+    with timestamps in ISO 8601."""
     try:
         return orjson.dumps(rows).decode()
     except TypeError:

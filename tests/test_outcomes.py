@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -14,11 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from support import new_job
 
 from broker.accounts import create_account
-from broker.db import make_engine, session_factory
+from broker.db import is_sqlite, make_engine, session_factory
 from broker.tables import Attempt, Job, utcnow
 from workers.adapters.base import UpstreamError, UpstreamResult
 from workers.calls import Outcome
-from workers.dispatch import hand_back, record_outcomes
+from workers.dispatch import STORE_ONE_OUTCOME, hand_back, record_outcomes
 from workers.markers import done_key, lease_key
 from workers.replies import REPLY_TTL_S
 
@@ -218,3 +219,24 @@ def test_hand_back_replies_then_expires_each_list(redis_server: Any) -> None:
     finally:
         client.flushdb()
         client.close()
+
+
+def test_single_outcome_plan_uses_primary_key(migrated_database: str) -> None:
+    if is_sqlite(migrated_database):
+        pytest.skip("the one-outcome statement is PostgreSQL's")
+    statement = (
+        STORE_ONE_OUTCOME.replace("%(outcomes)s", "$1")
+        .replace("%(attempts)s", "$2")
+        .replace("%(job_id)s", "$3")
+    )
+    with psycopg.connect(migrated_database.replace("+psycopg", ""), autocommit=True) as db:
+        # The plan a prepared statement may keep: made once, for any parameters, here
+        # on an empty jobs table.
+        db.execute("SET plan_cache_mode = force_generic_plan")
+        db.execute(f"PREPARE one_outcome (jsonb, jsonb, text) AS {statement}")
+        plan = "\n".join(
+            row[0] for row in db.execute("EXPLAIN EXECUTE one_outcome('{}', '[]', 'job_x')")
+        )
+
+    assert "Index Scan using jobs_pkey on jobs" in plan
+    assert "ix_jobs_status" not in plan

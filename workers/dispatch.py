@@ -189,18 +189,27 @@ def _store_one_by_one(connection: Connection, finished: list[Finished]) -> list[
     return stored
 
 
-# Stores outcomes and their attempts in one statement, on PostgreSQL. has_result and
-# has_error mark which optional values an outcome has, so a failed job keeps its zero
-# token counts and a served job takes its target's cached-input price, even if none.
-STORE_OUTCOMES = """
-WITH given AS (
-    SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
+# Columns of an outcome as the outcome statements read them from JSON.
+_OUTCOME_COLUMNS = """
         id text, status text, finished_at timestamptz, served_provider text,
         served_region text, served_model text, input_price_micro_usd bigint,
         output_price_micro_usd bigint, response jsonb, prompt_tokens integer,
         completion_tokens integer, cached_prompt_tokens integer,
         cached_input_price_micro_usd bigint, error jsonb, has_result boolean,
-        has_error boolean)
+        has_error boolean"""
+
+
+def _store_outcomes_sql(source: str, match: str) -> str:
+    """Return a statement that stores outcomes and their attempts, on PostgreSQL.
+
+    ``source`` reads the outcomes from JSON, and ``match`` joins them to their jobs.
+    has_result and has_error mark which optional values an outcome has, so a failed job
+    keeps its zero token counts and a served job takes its target's cached-input price,
+    even if none.
+    """
+    return f"""
+WITH given AS (
+    SELECT * FROM {source} AS o({_OUTCOME_COLUMNS})
 ), stored AS (
     UPDATE jobs SET
         status = o.status,
@@ -220,7 +229,7 @@ WITH given AS (
             THEN o.cached_input_price_micro_usd ELSE jobs.cached_input_price_micro_usd END,
         error = CASE WHEN o.has_error THEN o.error ELSE jobs.error END
     FROM given AS o
-    WHERE jobs.id = o.id AND jobs.status IN ('queued', 'running')
+    WHERE {match} AND jobs.status IN ('queued', 'running')
     RETURNING jobs.id
 ), attempted AS (
     INSERT INTO attempts (job_id, number, provider, region, upstream_model, worker,
@@ -232,6 +241,19 @@ WITH given AS (
 )
 SELECT id FROM stored
 """
+
+
+# Any number of outcomes, given as a JSON array. Its generic plan, made while the jobs
+# table was small, read the status index for every job still queued or running. Without
+# autovacuum that index kept growing (76 ms per outcome at 69,000 jobs), so this
+# statement is planned at each run (about 0.4 ms) and never prepared.
+STORE_OUTCOMES = _store_outcomes_sql("jsonb_to_recordset(%(outcomes)s::jsonb)", "jobs.id = o.id")
+# One outcome, given as a JSON object, with its job id also as a parameter: every plan,
+# generic ones too, finds the job by its primary key, so this one may be prepared. A
+# worker at low load stores its outcomes one at a time.
+STORE_ONE_OUTCOME = _store_outcomes_sql(
+    "jsonb_to_record(%(outcomes)s::jsonb)", "jobs.id = %(job_id)s AND o.id = %(job_id)s"
+)
 
 
 def _store_in_one_statement(engine: Engine, finished: list[Finished]) -> list[bool]:
@@ -258,13 +280,21 @@ def _store_in_one_statement(engine: Engine, finished: list[Finished]) -> list[bo
         outcomes.append(values)
         attempts.extend(_attempt_rows(spec["job_id"], outcome))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        # Planned at each run (about 0.4 ms per group): a prepared plan made while the
-        # jobs table was small took 76 ms per outcome at 69,000 jobs.
-        result = execute_unprepared(
-            connection,
-            STORE_OUTCOMES,
-            {"outcomes": json_rows(outcomes), "attempts": json_rows(attempts)},
-        )
+        if len(outcomes) == 1:
+            result = connection.exec_driver_sql(
+                STORE_ONE_OUTCOME,
+                {
+                    "outcomes": json_rows(outcomes[0]),
+                    "job_id": outcomes[0]["id"],
+                    "attempts": json_rows(attempts),
+                },
+            )
+        else:
+            result = execute_unprepared(
+                connection,
+                STORE_OUTCOMES,
+                {"outcomes": json_rows(outcomes), "attempts": json_rows(attempts)},
+            )
         stored_ids = set(result.scalars())
     return [
         spec["job_id"] in stored_ids and first[spec["job_id"]] == index
