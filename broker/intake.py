@@ -60,6 +60,14 @@ REPLY_FALLBACK_CHECK_S = 5.0
 IDEMPOTENT_POLL_S = 0.2
 # Seconds the queued marker outlives a job's deadline.
 MARKER_MARGIN_S = 300
+# Seconds an availability read serves later requests for the same route. A circuit that
+# opens meanwhile is caught by the worker, because it reads the circuit before each call
+# and fails the job over. A region whose workers stop is noticed only once their
+# heartbeats lapse (15 s) in any case.
+AVAILABILITY_MAX_AGE_S = 0.25
+# Routes whose last availability read is stored. Past this many the stored reads are
+# dropped, because a request may name any list of fallback models.
+AVAILABILITY_ROUTES_KEPT = 1024
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
@@ -135,8 +143,10 @@ class Intake:
         # Concurrent requests share the transaction that reserves their worst-case cost
         # and inserts their job, and the round trip that publishes their messages.
         self.jobs = JobGroupCommit(sessions, publish=self._publish_messages)
-        # Availability reads in flight, by route plan and lane (see _unavailable).
+        # Availability reads in flight, and the last one of each route plan and lane,
+        # with the time it ended (see _unavailable).
         self._availability: dict[tuple[Any, ...], asyncio.Future[set[tuple[str, str]]]] = {}
+        self._availability_read: dict[tuple[Any, ...], tuple[float, set[tuple[str, str]]]] = {}
 
     def prepare_chat(
         self, body: dict[str, Any], request: ChatCompletionRequest, principal: Principal
@@ -331,14 +341,18 @@ class Intake:
     async def _unavailable(
         self, keys: tuple[tuple[str, str], ...], lane: str
     ) -> set[tuple[str, str]]:
-        """Read which targets are unavailable, sharing a read already in flight.
+        """Read which targets are unavailable, sharing a recent read or one in flight.
 
-        Requests for the same route that arrive while an MGET is on its way wait for
-        that one instead of sending their own: under load this is one round trip per
-        route per round trip time, not one per request. The result is at most one
-        round trip older than the request.
+        A read serves the requests for the same route for AVAILABILITY_MAX_AGE_S after
+        it ended, and requests that arrive while an MGET is on its way wait for that
+        one instead of sending their own. So the result is at most that age plus a
+        round trip older than the request, and a single request at a time does not
+        wait for Redis before its job is created.
         """
         lookup = (keys, lane)
+        recent = self._availability_read.get(lookup)
+        if recent is not None and time.monotonic() - recent[0] < AVAILABILITY_MAX_AGE_S:
+            return recent[1]
         pending = self._availability.get(lookup)
         if pending is None:
             pending = asyncio.ensure_future(unavailable_targets(self.redis, list(keys), lane))
@@ -349,9 +363,14 @@ class Intake:
 
     def _read_done(self, lookup: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
         self._availability.pop(lookup, None)
-        if not done.cancelled():
-            # Marks the error retrieved when every waiting request went away.
-            done.exception()
+        if done.cancelled():
+            return
+        # Also marks the error retrieved when every waiting request went away.
+        if done.exception() is not None:
+            return
+        if len(self._availability_read) >= AVAILABILITY_ROUTES_KEPT:
+            self._availability_read.clear()
+        self._availability_read[lookup] = (time.monotonic(), done.result())
 
     def _task_spec(self, job_id: str, submission: Submission, deadline: float) -> dict[str, Any]:
         return {

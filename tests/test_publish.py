@@ -33,7 +33,14 @@ from broker.chat_request import ChatCompletionRequest
 from broker.circuits import region_alive_key, state_keys, target_name
 from broker.db import async_session_factory, make_async_engine, make_engine, session_factory
 from broker.errors import ServiceUnavailable
-from broker.intake import MARKER_MARGIN_S, Intake, JobMessage, Principal, Submission
+from broker.intake import (
+    AVAILABILITY_MAX_AGE_S,
+    MARKER_MARGIN_S,
+    Intake,
+    JobMessage,
+    Principal,
+    Submission,
+)
 from broker.ledger import check_wallet, top_up
 from broker.migrate import upgrade
 from broker.processes import free_port
@@ -251,25 +258,41 @@ def test_concurrent_reads_share_one_mget(publish_redis: RedisServer) -> None:
         async def choose(count: int) -> list[int]:
             return list(await asyncio.gather(*(intake._choose_start(plan) for _ in range(count))))
 
-        async def scenario() -> tuple[list[int], int, int, int]:
+        async def first_start_within(expected: int, deadline_s: float) -> float:
+            """Return the seconds until a read chooses ``expected``; fail at the deadline."""
+            started = time.monotonic()
+            while (chosen := await intake._choose_start(plan)) != expected:
+                assert time.monotonic() - started < deadline_s, f"still chose {chosen}"
+                await asyncio.sleep(0.02)
+            return time.monotonic() - started
+
+        async def scenario() -> tuple[list[int], int, int, int, float, float]:
             before = mget_calls()
             together = await choose(20)
             shared = mget_calls() - before
-            # A read after the circuit opened reports it, because nothing is kept between reads.
             target = target_name(*primary.key)
             client.set(state_keys(target)[0], b"1")
-            after_open = await intake._choose_start(plan)
+            # The read just made still serves: no round trip, and the circuit still closed.
+            before = mget_calls()
+            recent = await intake._choose_start(plan)
+            served_reads = mget_calls() - before
+            # Once it is older than its maximum age, a new read reports the open circuit.
+            until_open = await first_start_within(1, AVAILABILITY_MAX_AGE_S + 5)
             client.delete(state_keys(target)[0])
-            after_close = await intake._choose_start(plan)
+            until_closed = await first_start_within(0, AVAILABILITY_MAX_AGE_S + 5)
             await intake.redis.aclose()
-            return together, shared, after_open, after_close
+            return together, shared, recent, served_reads, until_open, until_closed
 
-        together, shared, after_open, after_close = asyncio.run(scenario())
+        together, shared, recent, served_reads, until_open, until_closed = asyncio.run(scenario())
     intake.celery.close()
     assert together == [0] * 20
     assert shared == 1
-    assert after_open == 1
-    assert after_close == 0
+    assert recent == 0
+    assert served_reads == 0
+    # A change is seen once the stored read is older than its maximum age (with slack for a
+    # loaded machine), in both directions.
+    assert until_open <= AVAILABILITY_MAX_AGE_S + 1.0
+    assert until_closed <= AVAILABILITY_MAX_AGE_S + 1.0
 
 
 def test_settle_message_matches_send_task(publish_redis: RedisServer) -> None:
