@@ -21,6 +21,7 @@ from workers.adapters.base import (
 from workers.context import WorkerContext
 from workers.retry import backoff_s, should_retry
 from workers.streaming import relay_stream
+from workers.upstream_http import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,22 @@ class Outcome:
 def _call_once(
     ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, timeout_s: float
 ) -> UpstreamResult:
+    with ctx.http_client() as http:
+        return _call_with(ctx, http, spec, outcome, timeout_s)
+
+
+def _call_with(
+    ctx: WorkerContext,
+    http: UpstreamClient,
+    spec: dict[str, Any],
+    outcome: Outcome,
+    timeout_s: float,
+) -> UpstreamResult:
     adapter = adapter_for(spec["wire_format"])
     if adapter is None:
         raise UpstreamError(f"No adapter for the {spec['wire_format']} wire format.")
     args = (
-        ctx.http,
+        http,
         ctx.catalog.base_url(spec["provider"], spec["region"]),
         ctx.provider_key(spec["provider"]),
         spec["body"],

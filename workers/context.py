@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import httpx
@@ -19,10 +20,10 @@ from workers.upstream_http import UpstreamClient
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
 CONNECT_TIMEOUT_S = 10.0
-# Calls in flight per HTTP client, on average. httpcore 1.0 scans every connection of a
-# pool, polling each idle socket, whenever a request starts or ends, so one pool of
-# hundreds of connections costs more CPU per call than the call itself. Calls are
-# spread over several clients so that each pool stays small.
+# Calls in flight on one HTTP client before the next client takes calls. httpcore 1.0
+# scans every connection of a pool, polling each idle socket, whenever a request starts
+# or ends, so one pool of hundreds of connections costs more CPU per call than the call
+# itself. Calls are spread over several clients so that each pool stays small.
 CALLS_PER_CLIENT = 8
 
 
@@ -34,11 +35,31 @@ class WorkerContext:
     redis: redis.Redis
     http_clients: list[UpstreamClient]
     gate: ProviderGate
+    # Calls in flight on each of http_clients. Greenlets share one thread and do not
+    # switch inside http_client's bookkeeping, so plain integers suffice.
+    calls_in_flight: list[int] = field(default_factory=list)
 
-    @property
-    def http(self) -> UpstreamClient:
-        """Return one of the process's HTTP clients, picked at random per call."""
-        return random.choice(self.http_clients)
+    @contextmanager
+    def http_client(self) -> Iterator[UpstreamClient]:
+        """Lend an HTTP client for one call: the first with fewer than CALLS_PER_CLIENT
+        calls in flight, else the least busy one.
+
+        Filling the clients in order keeps the calls of a quiet worker on one client,
+        whose connections stay alive between calls. A client picked at random got so
+        few calls that httpx closed its idle connections (after 5 s), and most calls
+        opened a new connection, with a TLS handshake on a real provider.
+        """
+        if len(self.calls_in_flight) != len(self.http_clients):
+            self.calls_in_flight = [0] * len(self.http_clients)
+        counts = self.calls_in_flight
+        index = next((i for i, n in enumerate(counts) if n < CALLS_PER_CLIENT), None)
+        if index is None:
+            index = counts.index(min(counts))
+        counts[index] += 1
+        try:
+            yield self.http_clients[index]
+        finally:
+            counts[index] -= 1
 
     def provider_key(self, provider_id: str) -> str | None:
         secret = self.settings.provider_keys.get(provider_id)
@@ -51,8 +72,8 @@ def get_context() -> WorkerContext:
     settings = get_settings()
     slots = max(settings.worker_concurrency, 10)
     clients = max(1, slots // CALLS_PER_CLIENT)
-    # Any client may carry every call at once, so none queues while others are free;
-    # each keeps about its share of connections alive between calls.
+    # Any client may carry every call at once, so a call never waits for a connection
+    # while others are free. Each keeps up to twice its share of connections alive.
     http_clients = [
         UpstreamClient(
             httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
