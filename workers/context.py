@@ -74,10 +74,12 @@ def get_context() -> WorkerContext:
     clients = max(1, slots // CALLS_PER_CLIENT)
     # Any client may carry every call at once, so a call never waits for a connection
     # while others are free. Each keeps up to twice its share of connections alive.
+    ssl_context = httpx.create_ssl_context()
     http_clients = [
         UpstreamClient(
             httpx.Timeout(settings.upstream_timeout_s, connect=CONNECT_TIMEOUT_S),
             httpx.Limits(max_connections=slots, max_keepalive_connections=2 * CALLS_PER_CLIENT),
+            ssl_context,
         )
         for _ in range(clients)
     ]

@@ -10,6 +10,7 @@ itself, whose cookie jar accepts no cookie.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -25,8 +26,17 @@ SENT_DEFAULT_HEADERS = ("accept", "accept-encoding", "user-agent")
 class UpstreamClient:
     """Sends plain POSTs through its transport and streams through an httpx.Client."""
 
-    def __init__(self, timeout: httpx.Timeout, limits: httpx.Limits) -> None:
-        self._transport = httpx.HTTPTransport(limits=limits)
+    def __init__(
+        self,
+        timeout: httpx.Timeout,
+        limits: httpx.Limits,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context`` may be shared by all the clients of a process: each context
+        holds its own copy of the CA certificates, about a megabyte."""
+        self._transport = httpx.HTTPTransport(
+            limits=limits, verify=ssl_context if ssl_context is not None else True
+        )
         no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
         self._client = httpx.Client(timeout=timeout, transport=self._transport, cookies=no_cookies)
         self._headers = {
