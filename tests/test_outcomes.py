@@ -203,10 +203,10 @@ def test_hand_back_replies_then_expires_each_list(redis_server: Any) -> None:
         # job_e was already final: it gets its done marker but no reply.
         hand_back(SimpleNamespace(redis=client), finished, [True, True, True, True, False])
 
-        one = [orjson.loads(raw) for raw in client.lrange("broker:reply:one", 0, -1)]
-        assert [reply["job_id"] for reply in one] == ["job_a", "job_b"]
-        assert one[0]["status"] == "succeeded"
-        assert one[0]["cost_micro_usd"] > 0
+        replies = [orjson.loads(raw) for raw in client.lrange("broker:reply:one", 0, -1)]
+        assert [reply["job_id"] for reply in replies] == ["job_a", "job_b"]
+        assert replies[0]["status"] == "succeeded"
+        assert replies[0]["cost_micro_usd"] > 0
         assert client.llen("broker:reply:two") == 1
         assert not client.exists("broker:reply:three")
         for name in ("broker:reply:one", "broker:reply:two"):

@@ -37,7 +37,10 @@ class WorkerContext:
     gate: ProviderGate
     # Calls in flight on each of http_clients. Greenlets share one thread and do not
     # switch inside http_client's bookkeeping, so plain integers suffice.
-    calls_in_flight: list[int] = field(default_factory=list)
+    calls_in_flight: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.calls_in_flight = [0] * len(self.http_clients)
 
     @contextmanager
     def http_client(self) -> Iterator[UpstreamClient]:
@@ -49,8 +52,6 @@ class WorkerContext:
         few calls that httpx closed its idle connections (after 5 s), and most calls
         opened a new connection, with a TLS handshake on a real provider.
         """
-        if len(self.calls_in_flight) != len(self.http_clients):
-            self.calls_in_flight = [0] * len(self.http_clients)
         counts = self.calls_in_flight
         index = next((i for i, n in enumerate(counts) if n < CALLS_PER_CLIENT), None)
         if index is None:
@@ -72,8 +73,9 @@ def get_context() -> WorkerContext:
     settings = get_settings()
     slots = max(settings.worker_concurrency, 10)
     clients = max(1, slots // CALLS_PER_CLIENT)
-    # Any client may carry every call at once, so a call never waits for a connection
-    # while others are free. Each keeps up to twice its share of connections alive.
+    # Each client may open a connection for every call of the process (max_connections),
+    # so a call never waits for a connection, and keeps at most 2 × CALLS_PER_CLIENT
+    # of them alive between calls.
     ssl_context = httpx.create_ssl_context()
     http_clients = [
         UpstreamClient(
