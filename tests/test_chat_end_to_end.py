@@ -274,6 +274,8 @@ def test_settle_delivered_three_times_charges_once(stack: Stack) -> None:
         )
         job_id = raw.headers["x-broker-job-id"]
         cost = int(raw.headers["x-broker-cost-micro-usd"])
+        # The worker sends its settle task shortly after the reply.
+        wait_for(lambda: stack.redis.llen(BILLING_QUEUE) == 1, what="the worker's settle task")
         celery = make_celery()
         celery.conf.broker_url = stack.settings.redis_url
         for _ in range(2):

@@ -201,7 +201,13 @@ def test_hand_back_replies_then_expires_each_list(redis_server: Any) -> None:
         finished = [(spec, _succeeded(spec["job_id"], 10, 5)) for spec in specs]
 
         # job_e was already final: it gets its done marker but no reply.
-        hand_back(SimpleNamespace(redis=client), finished, [True, True, True, True, False])
+        sent: list[list[str]] = []
+        sender = SimpleNamespace(add=sent.append)
+        hand_back(
+            SimpleNamespace(redis=client, settle_sender=sender),
+            finished,
+            [True, True, True, True, False],
+        )
 
         replies = [orjson.loads(raw) for raw in client.lrange("broker:reply:one", 0, -1)]
         assert [reply["job_id"] for reply in replies] == ["job_a", "job_b"]
@@ -216,6 +222,7 @@ def test_hand_back_replies_then_expires_each_list(redis_server: Any) -> None:
         for job_id in ("job_a", "job_b", "job_c", "job_d"):
             assert not client.exists(lease_key(job_id))
         assert client.exists(lease_key("job_e"))
+        assert sent == [["job_a", "job_b", "job_c", "job_d"]]
     finally:
         client.flushdb()
         client.close()

@@ -16,6 +16,7 @@ from broker.db import make_engine, session_factory
 from broker.ratelimit import ProviderGate, parse_provider_limits
 from broker.redis_clients import sync_client
 from broker.settings import Settings, get_settings
+from workers.settle_sender import SettleSender
 from workers.upstream_http import UpstreamClient
 
 # Seconds to open a TCP connection to a provider; the rest of the call has its own limit.
@@ -38,9 +39,11 @@ class WorkerContext:
     # Calls in flight on each of http_clients. Greenlets share one thread and do not
     # switch inside http_client's bookkeeping, so plain integers suffice.
     calls_in_flight: list[int] = field(init=False)
+    settle_sender: SettleSender = field(init=False)
 
     def __post_init__(self) -> None:
         self.calls_in_flight = [0] * len(self.http_clients)
+        self.settle_sender = SettleSender(lambda: self.redis)
 
     @contextmanager
     def http_client(self) -> Iterator[UpstreamClient]:

@@ -24,7 +24,6 @@ from workers.app import (
     RUN_JOB_TASK,
     RUN_JOBS_TASK,
     celery_app,
-    encode_settle_message,
     publish_job,
 )
 from workers.calls import Outcome, call_target
@@ -346,25 +345,19 @@ def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
 def hand_back(
     ctx: WorkerContext, finished: list[Finished], stored: list[bool | BaseException]
 ) -> None:
-    """Send the settle task, replies and lease releases of stored outcomes in one round trip.
+    """Send the replies and lease releases of stored outcomes in one round trip, and the
+    stored jobs to the settle sender.
 
-    That is one settle task for the stored jobs and, per stored job, the done marker,
-    the reply to a waiting request and the lease's release. A job that was already final
-    gets its done marker, so later copies stop at the start check instead of calling the
-    upstream. If Redis cannot be reached, the sweeper sends the jobs to be settled, a
-    waiting request reads the result from the database, and the leases expire.
+    Per stored job that is the done marker, the reply to a waiting request and the
+    lease's release. A job that was already final gets its done marker, so later copies
+    stop at the start check instead of calling the upstream. If Redis cannot be reached,
+    a waiting request reads the result from the database, the leases expire, and the
+    sweeper sends the jobs to be settled if the settle sender could not.
 
     The outcomes are already stored, so errors here are logged, not raised, and one
     job's reply that fails to encode leaves the other jobs' replies alone.
     """
     pipe = ctx.redis.pipeline(transaction=False)
-    settle = [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
-    if settle:
-        try:
-            message = encode_settle_message(celery_app, settle)
-            pipe.lpush(message.key, message.payload)
-        except Exception:
-            logger.exception("could not encode the settle task of %d jobs", len(settle))
     reply_lists: set[str] = set()
     for (spec, outcome), ok in zip(finished, stored, strict=True):
         if ok is True or ok is False:
@@ -391,6 +384,9 @@ def hand_back(
             type(exc).__name__,
             exc,
         )
+    ctx.settle_sender.add(
+        [spec["job_id"] for (spec, _), ok in zip(finished, stored, strict=True) if ok is True]
+    )
 
 
 # Outcomes finished at the same time in this process share one transaction.

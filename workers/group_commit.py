@@ -52,6 +52,11 @@ class GroupCommit(Generic[Item, Result]):
         self._linger_s = linger_s
         self._pending: list[_Slot[Item, Result]] = []
         self._lock = threading.Condition()
+        # Notified, on the same lock, each time the writer finishes a batch.
+        self._batch_done = threading.Condition(self._lock)
+        self._writing = 0
+        # Callers waiting in drain(). While there are any, the writer does not linger.
+        self._draining = 0
         self._writer_running = False
 
     def submit(self, item: Item) -> Result:
@@ -63,6 +68,30 @@ class GroupCommit(Generic[Item, Result]):
 
     def submit_all(self, items: list[Item]) -> list[Result | BaseException]:
         """Write ``items`` with the next batches; return each one's result or exception."""
+        slots = self._enqueue(items)
+        for slot in slots:
+            slot.done.wait()
+        return [slot.error if slot.error is not None else slot.result for slot in slots]  # type: ignore[misc]
+
+    def submit_nowait(self, items: list[Item]) -> None:
+        """Write ``items`` with the next batches without waiting. Their results are
+        dropped, so ``write`` must log its own failures."""
+        self._enqueue(items)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Write what is pending without lingering, and wait until every submitted item
+        is written; return False on timeout."""
+        with self._lock:
+            self._draining += 1
+            self._lock.notify_all()
+            try:
+                return self._batch_done.wait_for(
+                    lambda: not self._pending and not self._writing, timeout_s
+                )
+            finally:
+                self._draining -= 1
+
+    def _enqueue(self, items: list[Item]) -> list[_Slot[Item, Result]]:
         slots: list[_Slot[Item, Result]] = [_Slot(item) for item in items]
         with self._lock:
             self._pending.extend(slots)
@@ -71,9 +100,7 @@ class GroupCommit(Generic[Item, Result]):
             else:
                 self._writer_running = True
                 threading.Thread(target=self._run, name=self._name, daemon=True).start()
-        for slot in slots:
-            slot.done.wait()
-        return [slot.error if slot.error is not None else slot.result for slot in slots]  # type: ignore[misc]
+        return slots
 
     def _run(self) -> None:
         while True:
@@ -86,11 +113,18 @@ class GroupCommit(Generic[Item, Result]):
                 if self._linger_s:
                     # Items that arrive meanwhile join this batch; a full one goes at once.
                     self._lock.wait_for(
-                        lambda: len(self._pending) >= self._max_items, self._linger_s
+                        lambda: len(self._pending) >= self._max_items or self._draining,
+                        self._linger_s,
                     )
                 batch = self._pending[: self._max_items]
                 del self._pending[: self._max_items]
-            self._write_batch(batch)
+                self._writing = len(batch)
+            try:
+                self._write_batch(batch)
+            finally:
+                with self._lock:
+                    self._writing = 0
+                    self._batch_done.notify_all()
 
     def _write_batch(self, batch: list[_Slot[Item, Result]]) -> None:
         try:

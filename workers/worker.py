@@ -18,6 +18,7 @@ from broker.settings import get_settings
 from workers import batches, billing, dispatch, webhooks  # noqa: F401  (registers the tasks)
 from workers.app import celery_app
 from workers.async_pass import start_async_pass
+from workers.context import get_context
 from workers.gevent_tuning import use_system_poll_for_idle_checks
 from workers.heartbeat import set_node_name, start_heartbeat, worker_identity
 from workers.sweeper import start_sweeper
@@ -28,6 +29,8 @@ POOL_ENV = "BROKER_WORKER_POOL"
 # httpx logs every request URL at INFO; a URL may carry a provider key (Gemini's ?key=).
 logging.getLogger("httpx").setLevel(logging.WARNING)
 use_system_poll_for_idle_checks()
+
+logger = logging.getLogger(__name__)
 
 app = celery_app
 _stop_heartbeat = None
@@ -63,6 +66,9 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
+    # Sent once the pool has stopped, so no job adds ids to settle after this.
+    if get_context.cache_info().currsize and not get_context().settle_sender.drain():
+        logger.warning("some finished jobs were not sent to be settled; the sweeper will")
     mark_process_dead()
     for stop in (_stop_heartbeat, _stop_sweeper, _stop_async_pass):
         if stop is not None:
