@@ -114,6 +114,29 @@ def test_mixed_outcomes_stored_together(sessions: sessionmaker[Session]) -> None
         assert [_attempt_count(session, job_id) for job_id in (ok, other_ok, bad)] == [1, 1, 1]
 
 
+def test_outcome_stored_after_lost_connection(
+    sessions: sessionmaker[Session], migrated_database: str
+) -> None:
+    if is_sqlite(migrated_database):
+        pytest.skip("a lost server connection happens on PostgreSQL")
+    (job_id,) = _add_jobs(sessions, ["running"])
+    # The pool has one connection: the write below takes this one, which the server
+    # has closed by then.
+    with sessions.kw["bind"].connect() as connection:
+        backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with psycopg.connect(migrated_database, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+
+    stored = record_outcomes(
+        SimpleNamespace(sessions=sessions), [(_spec(job_id), _succeeded(job_id, 1, 2))]
+    )
+
+    assert stored == [True]
+    with sessions() as session:
+        assert session.get(Job, job_id).status == "succeeded"
+        assert _attempt_count(session, job_id) == 1
+
+
 def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> None:
     first, done, last = _add_jobs(sessions, ["running", "succeeded", "running"])
     finished = [
