@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import date, datetime
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, CursorResult, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
@@ -185,6 +187,63 @@ def make_async_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5) -
     )
     _ping_idle_connections(engine.sync_engine)
     return engine
+
+
+class StatementConnection:
+    """A PostgreSQL connection in autocommit mode, for one task that runs its statements
+    one at a time, without SQLAlchemy's pool and execution layers.
+
+    On the API's hot path those layers took about 0.2 ms per statement, more than the
+    statement itself on a local server (asyncio, measured on the benchmark machine).
+    The connection opens on first use, is tested with a round trip after
+    PING_AFTER_IDLE_S of idleness as pooled connections are, and is replaced after it
+    breaks.
+    """
+
+    def __init__(self, url: URL | str) -> None:
+        self._conninfo = (
+            make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+        self._last_used = 0.0
+        self._lock = asyncio.Lock()
+
+    async def fetchone(self, statement: str, parameters: dict[str, Any]) -> tuple[Any, ...]:
+        """Run ``statement`` and return its first row; raises psycopg.Error on failure."""
+        async with self._lock:
+            connection = await self._connected()
+            try:
+                cursor = await connection.execute(statement, parameters)
+                row = await cursor.fetchone()
+            finally:
+                self._last_used = time.monotonic()
+                if connection.broken:
+                    self._connection = None
+                    await connection.close()
+            if row is None:
+                raise psycopg.ProgrammingError("the statement returned no row")
+            return row
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._connection is not None:
+                await self._connection.close()
+                self._connection = None
+
+    async def _connected(self) -> psycopg.AsyncConnection[Any]:
+        connection = self._connection
+        if connection is not None and time.monotonic() - self._last_used > PING_AFTER_IDLE_S:
+            try:
+                await connection.execute("SELECT 1")
+            except psycopg.Error:
+                await connection.close()
+                connection = None
+        if connection is None or connection.closed:
+            connection = await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S
+            )
+            self._connection = connection
+        return connection
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

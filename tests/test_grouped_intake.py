@@ -163,10 +163,12 @@ def run_with_writers(url: str, count: int, scenario: Callable[..., Awaitable[Any
 
     async def main() -> Any:
         engines = [make_async_engine(url, pool_size=4) for _ in range(count)]
+        writers = [JobGroupCommit(async_session_factory(engine)) for engine in engines]
         try:
-            return await scenario(*(JobGroupCommit(async_session_factory(e)) for e in engines))
+            return await scenario(*writers)
         finally:
-            for engine in engines:
+            for writer, engine in zip(writers, engines, strict=True):
+                await writer.close()
                 await engine.dispose()
 
     return asyncio.run(main())
@@ -420,6 +422,7 @@ def run_with_publisher(
                 return_exceptions=True,
             )
         finally:
+            await writer.close()
             await engine.dispose()
         return list(outcomes), [v["id"] for v in values], writer.flushes
 
@@ -588,3 +591,48 @@ def test_failed_wallet_leaves_other_wallets_jobs(database: Database) -> None:
     assert database.hold_entries(other) == {}
     assert database.ledger_ok(good)
     assert database.ledger_ok(other)
+
+
+def test_lost_statement_connection_is_replaced(database: Database) -> None:
+    if is_sqlite(database.url):
+        pytest.skip("only PostgreSQL groups use the writer's own connection")
+    account = database.new_account(100_000)
+    requests = [Request(account, 100), Request(account, 200), Request(account, 300)]
+    values = [job_values(request) for request in requests]
+
+    def statement_backends() -> list[int]:
+        # The writer's own connection is the one whose last statement was the hold.
+        with database.engine.connect() as connection:
+            return list(
+                connection.scalars(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND query LIKE 'WITH held AS%'"
+                    )
+                )
+            )
+
+    async def create(writer: JobGroupCommit, index: int) -> bool:
+        request = requests[index]
+        return await writer.create_job(
+            wallet_id=account.wallet_id, hold=request.hold, values=values[index]
+        )
+
+    async def scenario(writer: JobGroupCommit) -> tuple[list[int], list[int], int]:
+        await create(writer, 0)
+        (first,) = statement_backends()
+        with database.engine.connect() as connection:
+            connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+        # The broken connection fails this group, whose job is then created alone.
+        await create(writer, 1)
+        await create(writer, 2)
+        return [first], statement_backends(), writer.failed_flushes
+
+    first, later, failed_flushes = run_with_writers(database.url, 1, scenario)
+
+    assert failed_flushes == 1
+    assert len(later) == 1
+    assert later != first
+    assert database.job_ids(account) == {v["id"] for v in values}
+    assert database.held(account) == 600
+    assert database.ledger_ok(account)

@@ -91,6 +91,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         key_changes.cancel()
         await state.replies.stop()
+        await state.intake.jobs.close()
         await state.engine.dispose()
 
 
