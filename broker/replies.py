@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from broker.redis_clients import async_client
 from workers.streaming import cancel_key
@@ -103,21 +103,44 @@ class ReplyListener:
         if future is not None and not future.done():
             future.set_result(message)
 
+    async def _pop(self, multi_pop: bool) -> list[bytes]:
+        """Wait up to POP_TIMEOUT_S for replies and take those waiting, up to DRAIN_BATCH.
+
+        BLMPOP (Redis 7.0) takes them with one command. Without it, BLPOP waits for the
+        first and LPOP takes the rest.
+        """
+        if multi_pop:
+            popped = await self._redis.blmpop(
+                POP_TIMEOUT_S, 1, self.channel, direction="LEFT", count=DRAIN_BATCH
+            )
+            return popped[1] if popped else []
+        first = await self._redis.blpop([self.channel], timeout=POP_TIMEOUT_S)
+        if first is None:
+            return []
+        return [first[1], *(await self._redis.lpop(self.channel, DRAIN_BATCH - 1) or ())]
+
     async def _read_loop(self) -> None:
+        multi_pop = True
         while True:
             try:
-                popped = await self._redis.blpop([self.channel], timeout=POP_TIMEOUT_S)
-                if popped is None:
-                    continue
-                self._deliver(popped[1])
-                more = await self._redis.lpop(self.channel, DRAIN_BATCH)
-                for raw in more or ():
-                    self._deliver(raw)
+                replies = await self._pop(multi_pop)
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
+                if multi_pop and _unknown_command(exc):
+                    logger.info("Redis has no BLMPOP (before 7.0); reading replies with BLPOP")
+                    multi_pop = False
+                    continue
                 # Waiting requests fall back to reading the job row, so nothing is lost.
                 logger.warning("reply listener cannot read %s: %s", self.channel, exc)
                 await asyncio.sleep(REDIS_RETRY_DELAY_S)
-            except Exception:
-                logger.exception("reply listener dropped a malformed reply")
+                continue
+            for raw in replies:
+                try:
+                    self._deliver(raw)
+                except Exception:
+                    logger.exception("reply listener dropped a malformed reply")
+
+
+def _unknown_command(exc: RedisError) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).lower().startswith("unknown command")
