@@ -12,7 +12,7 @@ from workers.context import CALLS_PER_CLIENT, WorkerContext
 
 def _context(clients: int) -> WorkerContext:
     names: Any = [f"client-{n}" for n in range(clients)]
-    return WorkerContext(None, None, None, None, names, None)  # type: ignore[arg-type]
+    return WorkerContext(None, None, None, None, names, None, None)  # type: ignore[arg-type]
 
 
 def test_quiet_worker_uses_first_client() -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from support import new_job
 
 from broker.accounts import create_account
-from broker.db import is_sqlite, make_engine, session_factory
+from broker.db import BlockingStatementConnection, is_sqlite, make_engine, session_factory
 from broker.tables import Attempt, Job, utcnow
 from workers.adapters.base import UpstreamError, UpstreamResult
 from workers.calls import Outcome
@@ -31,6 +31,17 @@ def sessions(migrated_database: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(migrated_database, pool_size=1)
     yield session_factory(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def ctx(sessions: sessionmaker[Session], migrated_database: str) -> Iterator[SimpleNamespace]:
+    """The parts of a worker context that record_outcomes uses."""
+    statements = None
+    if not is_sqlite(migrated_database):
+        statements = BlockingStatementConnection(migrated_database)
+    yield SimpleNamespace(sessions=sessions, outcome_statements=statements)
+    if statements is not None:
+        statements.close()
 
 
 def _add_jobs(sessions: sessionmaker[Session], statuses: list[str]) -> list[str]:
@@ -87,7 +98,9 @@ def _attempt_count(session: Session, job_id: str) -> int:
     return session.scalar(select(func.count()).select_from(Attempt).where(Attempt.job_id == job_id))
 
 
-def test_mixed_outcomes_stored_together(sessions: sessionmaker[Session]) -> None:
+def test_mixed_outcomes_stored_together(
+    sessions: sessionmaker[Session], ctx: SimpleNamespace
+) -> None:
     ok, other_ok, bad = _add_jobs(sessions, ["running", "queued", "running"])
     finished = [
         (_spec(ok), _succeeded(ok, 11, 22)),
@@ -95,7 +108,7 @@ def test_mixed_outcomes_stored_together(sessions: sessionmaker[Session]) -> None
         (_spec(bad), _failed(bad)),
     ]
 
-    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+    stored = record_outcomes(ctx, finished)
 
     assert stored == [True, True, True]
     with sessions() as session:
@@ -115,29 +128,32 @@ def test_mixed_outcomes_stored_together(sessions: sessionmaker[Session]) -> None
 
 
 def test_outcome_stored_after_lost_connection(
-    sessions: sessionmaker[Session], migrated_database: str
+    sessions: sessionmaker[Session], ctx: SimpleNamespace, migrated_database: str
 ) -> None:
     if is_sqlite(migrated_database):
         pytest.skip("a lost server connection happens on PostgreSQL")
-    (job_id,) = _add_jobs(sessions, ["running"])
-    # The pool has one connection: the write below takes this one, which the server
-    # has closed by then.
-    with sessions.kw["bind"].connect() as connection:
-        backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    first, second = _add_jobs(sessions, ["running", "running"])
+    assert record_outcomes(ctx, [(_spec(first), _succeeded(first, 1, 2))]) == [True]
+    # The writer's connection is the one whose last statement stored that outcome.
     with psycopg.connect(migrated_database, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        terminated = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND query LIKE '%%WITH given AS%%'"
+        ).fetchall()
+    assert terminated == [(True,)]
 
-    stored = record_outcomes(
-        SimpleNamespace(sessions=sessions), [(_spec(job_id), _succeeded(job_id, 1, 2))]
-    )
+    stored = record_outcomes(ctx, [(_spec(second), _succeeded(second, 1, 2))])
 
     assert stored == [True]
     with sessions() as session:
-        assert session.get(Job, job_id).status == "succeeded"
-        assert _attempt_count(session, job_id) == 1
+        assert session.get(Job, second).status == "succeeded"
+        assert _attempt_count(session, second) == 1
 
 
-def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> None:
+def test_final_job_left_alone_others_stored(
+    sessions: sessionmaker[Session], ctx: SimpleNamespace
+) -> None:
     first, done, last = _add_jobs(sessions, ["running", "succeeded", "running"])
     finished = [
         (_spec(first), _succeeded(first, 1, 2)),
@@ -145,7 +161,7 @@ def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> 
         (_spec(last), _succeeded(last, 3, 4)),
     ]
 
-    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+    stored = record_outcomes(ctx, finished)
 
     assert stored == [True, False, True]
     with sessions() as session:
@@ -159,7 +175,9 @@ def test_final_job_left_alone_others_stored(sessions: sessionmaker[Session]) -> 
         assert _attempt_count(session, last) == 1
 
 
-def test_outcome_sets_only_the_values_it_has(sessions: sessionmaker[Session]) -> None:
+def test_outcome_sets_only_the_values_it_has(
+    sessions: sessionmaker[Session], ctx: SimpleNamespace
+) -> None:
     with sessions.begin() as session:
         account, _ = create_account(session, "outcomes")
         # The primary target's prices, written when the job was created.
@@ -173,7 +191,7 @@ def test_outcome_sets_only_the_values_it_has(sessions: sessionmaker[Session]) ->
         (_spec(failed), _failed(failed)),
     ]
 
-    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+    stored = record_outcomes(ctx, finished)
 
     assert stored == [True, True]
     with sessions() as session:
@@ -189,14 +207,16 @@ def test_outcome_sets_only_the_values_it_has(sessions: sessionmaker[Session]) ->
         assert _attempt_count(session, failed) == 1
 
 
-def test_repeated_job_in_one_group_stored_once(sessions: sessionmaker[Session]) -> None:
+def test_repeated_job_in_one_group_stored_once(
+    sessions: sessionmaker[Session], ctx: SimpleNamespace
+) -> None:
     (job_id,) = _add_jobs(sessions, ["running"])
     finished = [
         (_spec(job_id), _succeeded(job_id, 1, 2)),
         (_spec(job_id), _succeeded(job_id, 5, 6)),
     ]
 
-    stored = record_outcomes(SimpleNamespace(sessions=sessions), finished)
+    stored = record_outcomes(ctx, finished)
 
     assert stored == [True, False]
     with sessions() as session:

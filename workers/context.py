@@ -12,7 +12,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from broker.catalog import Catalog, load_catalog
-from broker.db import make_engine, session_factory
+from broker.db import BlockingStatementConnection, is_sqlite, make_engine, session_factory
 from broker.ratelimit import ProviderGate, parse_provider_limits
 from broker.redis_clients import sync_client
 from broker.settings import Settings, get_settings
@@ -36,6 +36,8 @@ class WorkerContext:
     redis: redis.Redis
     http_clients: list[UpstreamClient]
     gate: ProviderGate
+    # The outcome writer's own connection, on PostgreSQL only (workers.dispatch).
+    outcome_statements: BlockingStatementConnection | None
     # Calls in flight on each of http_clients. Greenlets share one thread and do not
     # switch inside http_client's bookkeeping, so plain integers suffice.
     calls_in_flight: list[int] = field(init=False)
@@ -107,4 +109,7 @@ def get_context() -> WorkerContext:
         redis=client,
         http_clients=http_clients,
         gate=gate,
+        outcome_statements=None
+        if is_sqlite(settings.database_url)
+        else BlockingStatementConnection(settings.database_url),
     )

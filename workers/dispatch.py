@@ -9,14 +9,15 @@ import time
 from collections import defaultdict
 from typing import Any
 
+import psycopg
 from celery import Task, bootsteps
-from sqlalchemy import Connection, Engine, Update, bindparam, insert, or_, update
+from sqlalchemy import Connection, Update, bindparam, insert, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from broker.catalog import queue_name
 from broker.circuits import CircuitBreaker, state_from, state_keys, target_name
-from broker.db import execute_unprepared, json_rows
+from broker.db import BlockingStatementConnection, json_rows
 from broker.metrics import count_failover, count_tokens, job_in_flight, observe_queue_wait
 from broker.pricing import cached_prompt_tokens
 from broker.tables import Attempt, Job, utcnow
@@ -93,8 +94,9 @@ def hand_over(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, index:
 # record_outcomes makes the first attempt itself, because setting up tenacity's retry
 # loop took about a twentieth of a region worker's CPU at one job at a time
 # (py-spy, on the benchmark machine).
+_CONNECTION_ERRORS = (OperationalError, psycopg.OperationalError)
 _db_retry = retry(
-    retry=retry_if_exception_type(OperationalError),
+    retry=retry_if_exception_type(_CONNECTION_ERRORS),
     reraise=True,
     stop=stop_after_attempt(3),
     wait=wait_random_exponential(0.2, max=2),
@@ -258,7 +260,9 @@ STORE_ONE_OUTCOME = _store_outcomes_sql(
 )
 
 
-def _store_in_one_statement(engine: Engine, finished: list[Finished]) -> list[bool]:
+def _store_in_one_statement(
+    statements: BlockingStatementConnection, finished: list[Finished]
+) -> list[bool]:
     """Store the outcomes whose jobs are not final yet, with their attempts (PostgreSQL).
 
     One statement in autocommit: one round trip, with no BEGIN or COMMIT of its own,
@@ -281,23 +285,22 @@ def _store_in_one_statement(engine: Engine, finished: list[Finished]) -> list[bo
         )
         outcomes.append(values)
         attempts.extend(_attempt_rows(spec["job_id"], outcome))
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        if len(outcomes) == 1:
-            result = connection.exec_driver_sql(
-                STORE_ONE_OUTCOME,
-                {
-                    "outcomes": json_rows(outcomes[0]),
-                    "job_id": outcomes[0]["id"],
-                    "attempts": json_rows(attempts),
-                },
-            )
-        else:
-            result = execute_unprepared(
-                connection,
-                STORE_OUTCOMES,
-                {"outcomes": json_rows(outcomes), "attempts": json_rows(attempts)},
-            )
-        stored_ids = set(result.scalars())
+    if len(outcomes) == 1:
+        rows = statements.fetchall(
+            STORE_ONE_OUTCOME,
+            {
+                "outcomes": json_rows(outcomes[0]),
+                "job_id": outcomes[0]["id"],
+                "attempts": json_rows(attempts),
+            },
+        )
+    else:
+        rows = statements.fetchall(
+            STORE_OUTCOMES,
+            {"outcomes": json_rows(outcomes), "attempts": json_rows(attempts)},
+            prepare=False,
+        )
+    stored_ids = {job_id for (job_id,) in rows}
     return [
         spec["job_id"] in stored_ids and first[spec["job_id"]] == index
         for index, (spec, _) in enumerate(finished)
@@ -315,15 +318,14 @@ def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
     """
     try:
         return _record_outcomes(ctx, finished)
-    except OperationalError as exc:
+    except _CONNECTION_ERRORS as exc:
         logger.info("storing %d outcomes failed, retrying: %s", len(finished), exc)
     return _record_outcomes_again(ctx, finished)
 
 
 def _record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
-    engine = ctx.sessions.kw["bind"]
-    if engine.dialect.name == "postgresql":
-        return _store_in_one_statement(engine, finished)
+    if ctx.outcome_statements is not None:
+        return _store_in_one_statement(ctx.outcome_statements, finished)
     try:
         with ctx.sessions.begin() as session:
             _store_together(session.connection(), finished)
@@ -341,7 +343,7 @@ def _write_outcomes(finished: list[Finished]) -> list[bool | BaseException]:
     ctx = get_context()
     try:
         stored: list[bool | BaseException] = list(record_outcomes(ctx, finished))
-    except DBAPIError:
+    except (DBAPIError, psycopg.Error):
         if len(finished) == 1:
             raise
         logger.warning("storing %d outcomes together failed; storing each alone", len(finished))

@@ -67,8 +67,12 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _on_shutdown(**_: Any) -> None:
     # Sent once the pool has stopped, so no job adds ids to settle after this.
-    if get_context.cache_info().currsize and not get_context().settle_sender.drain():
-        logger.warning("some finished jobs were not sent to be settled; the sweeper will")
+    if get_context.cache_info().currsize:
+        ctx = get_context()
+        if not ctx.settle_sender.drain():
+            logger.warning("some finished jobs were not sent to be settled; the sweeper will")
+        if ctx.outcome_statements is not None:
+            ctx.outcome_statements.close()
     mark_process_dead()
     for stop in (_stop_heartbeat, _stop_sweeper, _stop_async_pass):
         if stop is not None:
