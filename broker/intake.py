@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from celery import Celery
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from broker.catalog import Catalog, Model
@@ -437,9 +438,23 @@ class Intake:
                     asyncio.shield(future), min(remaining, REPLY_FALLBACK_CHECK_S)
                 )
             except TimeoutError:
-                stored = await read_final_reply(self.sessions, job_id)
+                stored = await self._stored_reply(job_id)
                 if stored is not None:
                     return stored
+
+    async def _stored_reply(self, job_id: str) -> dict[str, Any] | None:
+        """Read the job's final reply from its row; None while it runs or the read fails.
+
+        The job exists, so a database error here must not fail the request as if the
+        job never ran. The request keeps waiting for the reply until its deadline.
+        """
+        try:
+            return await read_final_reply(self.sessions, job_id)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "could not read job %s while waiting for its reply: %s", job_id, type(exc).__name__
+            )
+            return None
 
     async def _relay(
         self, job_id: str, queue: asyncio.Queue[dict[str, Any]]
@@ -452,7 +467,7 @@ class Intake:
                 try:
                     message = await asyncio.wait_for(queue.get(), REPLY_FALLBACK_CHECK_S)
                 except TimeoutError:
-                    stored = await read_final_reply(self.sessions, job_id)
+                    stored = await self._stored_reply(job_id)
                     if stored is None and loop.time() < deadline:
                         continue
                     message = stored or self._timeout_message(job_id)

@@ -27,6 +27,7 @@ from kombu.compression import decompress
 from sqlalchemy import select
 from support import wait_for
 
+import broker.intake as intake_module
 from broker.accounts import create_account, create_api_key
 from broker.catalog import load_catalog
 from broker.chat_request import ChatCompletionRequest
@@ -426,3 +427,29 @@ def test_publish_without_redis_fails_with_503(tmp_path: Path) -> None:
     assert sorted(entry.kind for entry in entries if entry.job_id == job.id) == ["hold", "release"]
     assert sum(entry.held_delta_micro_usd for entry in entries) == 0
     assert check.ok
+
+
+def test_wait_outlasts_database_outage(
+    publish_redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Read the job row soon and often, and from a server that refuses connections.
+    monkeypatch.setattr(intake_module, "REPLY_FALLBACK_CHECK_S", 0.05)
+    unreachable = f"postgresql://postgres@127.0.0.1:{free_port()}/broker"
+    reply = {"job_id": "job_outage", "type": "final", "status": "succeeded"}
+
+    async def scenario() -> dict[str, Any]:
+        engine = make_async_engine(unreachable, pool_size=1)
+        intake = make_intake(
+            f"redis://127.0.0.1:{publish_redis.port}/0", async_session_factory(engine)
+        )
+        future = asyncio.get_running_loop().create_future()
+        # The reply arrives after several failed reads of the job row.
+        asyncio.get_running_loop().call_later(0.5, future.set_result, reply)
+        try:
+            return await intake._wait("job_outage", future)
+        finally:
+            await intake.replies.stop()
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == reply
+    assert "could not read job job_outage while waiting for its reply" in caplog.text
