@@ -70,7 +70,16 @@ def git_commit() -> str:
         return completed.stdout.strip()
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no")
+    # The stored results change with every run and are not code under test.
+    changed = git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":(exclude)bench/results",
+        ":(exclude)bench/RESULTS.md",
+    )
     return f"{commit} (with uncommitted changes)" if changed else commit
 
 
