@@ -94,11 +94,13 @@ def hand_over(ctx: WorkerContext, spec: dict[str, Any], outcome: Outcome, index:
 # record_outcomes makes the first attempt itself, because setting up tenacity's retry
 # loop took about a twentieth of a region worker's CPU at one job at a time
 # (py-spy, on the benchmark machine).
+# TODO: an outage longer than these retries (a few seconds) leaves the outcome unstored,
+# and the sweeper then calls the upstream again for the job.
 _CONNECTION_ERRORS = (OperationalError, psycopg.OperationalError)
 _db_retry = retry(
     retry=retry_if_exception_type(_CONNECTION_ERRORS),
     reraise=True,
-    stop=stop_after_attempt(3),
+    stop=stop_after_attempt(4),
     wait=wait_random_exponential(0.2, max=2),
 )
 
@@ -313,8 +315,8 @@ def record_outcomes(ctx: WorkerContext, finished: list[Finished]) -> list[bool]:
     Returns, per outcome, whether it was stored. All are written in one transaction.
     PostgreSQL takes one statement. Elsewhere each set of columns takes one statement
     for all jobs; if one of the jobs was already final, the outcomes are written again
-    job by job. A failed connection is retried at once and then up to twice more, with
-    backoff.
+    job by job. After a failed connection the write is tried again at once, and then up
+    to three more times with backoff.
     """
     try:
         return _record_outcomes(ctx, finished)
