@@ -452,7 +452,7 @@ class Intake:
             return await read_final_reply(self.sessions, job_id)
         except SQLAlchemyError as exc:
             logger.warning(
-                "could not read job %s while waiting for its reply: %s", job_id, type(exc).__name__
+                "reading job %s failed while waiting for its reply: %s", job_id, type(exc).__name__
             )
             return None
 

@@ -452,4 +452,4 @@ def test_wait_outlasts_database_outage(
             await engine.dispose()
 
     assert asyncio.run(scenario()) == reply
-    assert "could not read job job_outage while waiting for its reply" in caplog.text
+    assert "reading job job_outage failed while waiting for its reply" in caplog.text

@@ -46,8 +46,8 @@ def _wait_for_messages(client: redis.Redis, count: int) -> None:
         time.sleep(0.01)
 
 
-def test_ids_added_within_the_linger_share_one_task(client: redis.Redis) -> None:
-    sender = SettleSender(lambda: client, linger_s=0.5)
+def test_ids_within_linger_share_task(client: redis.Redis) -> None:
+    sender = SettleSender(client, linger_s=0.5)
     sender.add(["job_a"])
     sender.add(["job_b", "job_c"])
     sender.add([])
@@ -58,7 +58,7 @@ def test_ids_added_within_the_linger_share_one_task(client: redis.Redis) -> None
 
 def test_drain_sends_what_is_gathered(client: redis.Redis) -> None:
     # A linger far beyond the test's deadline: only drain can send the ids in time.
-    sender = SettleSender(lambda: client, linger_s=60)
+    sender = SettleSender(client, linger_s=60)
     sender.add(["job_a", "job_b"])
 
     assert sender.drain(timeout_s=DEADLINE_S)
@@ -66,7 +66,7 @@ def test_drain_sends_what_is_gathered(client: redis.Redis) -> None:
 
 
 def test_full_task_goes_without_lingering(client: redis.Redis) -> None:
-    sender = SettleSender(lambda: client, linger_s=60)
+    sender = SettleSender(client, linger_s=60)
     ids = [f"job_{n}" for n in range(MAX_IDS_PER_TASK + 1)]
     sender.add(ids)
     _wait_for_messages(client, 1)
@@ -77,16 +77,16 @@ def test_full_task_goes_without_lingering(client: redis.Redis) -> None:
     assert _settle_tasks(client)[1] == ("broker.settle_jobs", ids[MAX_IDS_PER_TASK:])
 
 
-def test_unreachable_redis_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_redis_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     unreachable = redis.Redis(port=1, socket_connect_timeout=0.5)
-    sender = SettleSender(lambda: unreachable, linger_s=0)
+    sender = SettleSender(unreachable, linger_s=0)
     sender.add(["job_a"])
 
     assert sender.drain(timeout_s=DEADLINE_S)
-    assert "could not send 1 jobs (first job_a) to be settled" in caplog.text
+    assert "sending 1 jobs (first job_a) to be settled failed" in caplog.text
 
 
-def test_group_commit_drain_waits_for_the_batch_being_written() -> None:
+def test_drain_waits_for_running_batch() -> None:
     written: list[list[int]] = []
 
     def slow_write(items: list[int]) -> list[None]:

@@ -45,7 +45,7 @@ class WorkerContext:
 
     def __post_init__(self) -> None:
         self.calls_in_flight = [0] * len(self.http_clients)
-        self.settle_sender = SettleSender(lambda: self.redis)
+        self.settle_sender = SettleSender(self.redis)
 
     @contextmanager
     def http_client(self) -> Iterator[UpstreamClient]:

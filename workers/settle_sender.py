@@ -14,7 +14,6 @@ as it does for a settle task lost in Redis.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from redis import Redis
 
@@ -34,9 +33,9 @@ DRAIN_TIMEOUT_S = 5.0
 
 
 class SettleSender:
-    """Sends the ids of stored outcomes to the billing worker in shared settle tasks."""
+    """Sender of the ids of stored outcomes to the billing worker, in shared settle tasks."""
 
-    def __init__(self, redis: Callable[[], Redis], linger_s: float = SETTLE_SEND_LINGER_S) -> None:
+    def __init__(self, redis: Redis, linger_s: float = SETTLE_SEND_LINGER_S) -> None:
         self._redis = redis
         self._ids: GroupCommit[str, None] = GroupCommit(
             self._send, max_items=MAX_IDS_PER_TASK, name="settle-sender", linger_s=linger_s
@@ -54,10 +53,11 @@ class SettleSender:
     def _send(self, job_ids: list[str]) -> list[None]:
         try:
             message = encode_settle_message(celery_app, job_ids)
-            self._redis().lpush(message.key, message.payload)
+            self._redis.lpush(message.key, message.payload)
         except Exception as exc:  # noqa: BLE001  (the sweeper sends the jobs again)
             logger.warning(
-                "could not send %d jobs (first %s) to be settled, so the sweeper will: %s: %s",
+                "sending %d jobs (first %s) to be settled failed, so the sweeper sends them "
+                "later: %s: %s",
                 len(job_ids),
                 job_ids[0],
                 type(exc).__name__,

@@ -70,7 +70,7 @@ def _on_shutdown(**_: Any) -> None:
     if get_context.cache_info().currsize:
         ctx = get_context()
         if not ctx.settle_sender.drain():
-            logger.warning("some finished jobs were not sent to be settled; the sweeper will")
+            logger.warning("sending the gathered settle ids timed out; the sweeper settles them")
         if ctx.outcome_statements is not None:
             ctx.outcome_statements.close()
     mark_process_dead()
